@@ -1,0 +1,184 @@
+"""The ingestion Beam graph, shared by the TFX ExampleGen executor and `carvision ingest`.
+
+rows (Postgres ranges or cars.csv) -> row checks -> de-dup by p_hash -> fetch +
+validate (bounded concurrency) -> tf.Examples split by hash(ad_id) | dead letters.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, List, Tuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from components.example_gen import records
+
+NAMESPACE = 'carvision.ingest'
+DEAD_LETTER_DIR = 'dead_letters'
+SUMMARY_FILE = 'summary.json'
+
+
+def _count(name: str) -> None:
+  Metrics.counter(NAMESPACE, name).inc()
+
+
+class _CheckRow(beam.DoFn):
+  """Source-side reasons, p_hash shape, label completeness: before any network use."""
+
+  def __init__(self, p_hash_pattern: str):
+    self.pattern = p_hash_pattern
+
+  def process(self, row: records.Row):
+    _count('rows')
+    if row.reason:
+      yield beam.pvalue.TaggedOutput('dead', records.dead(row, row.reason, row.detail))
+      return
+    bad = records.check_p_hash(row, self.pattern) or records.check_label(row)
+    if bad:
+      yield beam.pvalue.TaggedOutput('dead', bad)
+      return
+    yield row
+
+
+def _dedup(item: Tuple[str, Iterable[records.Row]]):
+  """The same photo (p_hash) twice in the data set is kept once: the earliest ad/position."""
+  _, rows = item
+  ordered = sorted(rows, key=lambda r: (r.ad_id, r.position))
+  yield ordered[0]
+  for r in ordered[1:]:
+    yield beam.pvalue.TaggedOutput(
+        'dead', records.dead(r, records.DUPLICATE,
+                             f'same p_hash already in ad {ordered[0].ad_id}'))
+
+
+class _FetchAndValidate(beam.DoFn):
+  """Fetches a batch of photos concurrently through one pooled session per worker."""
+
+  def __init__(self, ingest: Dict[str, Any]):
+    self.ingest = ingest
+    self.fetcher = None
+
+  def setup(self):
+    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+    http = self.ingest['http']
+    self.fetcher = fetch.Fetcher(
+        self.ingest['image_url_template'], concurrency=http['concurrency'],
+        connect_timeout_s=http['connect_timeout_s'], read_timeout_s=http['read_timeout_s'],
+        retries=http['retries'], backoff_factor=http['backoff_factor'])
+
+  def teardown(self):
+    if self.fetcher is not None:
+      self.fetcher.close()
+
+  def process(self, batch: List[records.Row]):
+    results = self.fetcher.fetch_many([r.p_hash for r in batch])
+    for row, (data, reason, detail) in zip(batch, results):
+      if reason is None:
+        reason, detail, width, height = records.validate_image(data, self.ingest['max_pixels'])
+      if reason is not None:
+        yield beam.pvalue.TaggedOutput('dead', records.dead(row, reason, detail))
+        continue
+      split = records.split_for(row.ad_id, self.ingest['splits'])
+      _count(f'examples_{split}')
+      yield split, records.to_example(row, data, width, height).SerializeToString()
+
+
+def _count_dead(letter: records.DeadLetter) -> records.DeadLetter:
+  _count(f'dead_letter_{letter.reason}')
+  return letter
+
+
+def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> beam.PCollection:
+  """Rows from Postgres (parallel ad_id ranges) or from cars.csv exports."""
+  if bool(ingest.get('dsn')) == bool(ingest.get('csv')):
+    raise ValueError('ingest needs exactly one of `dsn` (Postgres) or `csv` (cars.csv pattern)')
+  if ingest.get('dsn'):
+    from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
+    dsn, classes, conf = ingest['dsn'], ingest['vehicle_classes'], ingest['min_confidence']
+    ranges = postgres.ad_id_ranges(dsn, ingest['partitions'])
+    return (p
+            | 'AdIdRanges' >> beam.Create(ranges)
+            | 'ShareRanges' >> beam.Reshuffle()
+            | 'ReadPostgres' >> beam.FlatMap(
+                lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf)))
+  return (p
+          | 'ReadCsv' >> beam.io.ReadFromText(ingest['csv'], skip_header_lines=1)
+          | 'DropBlank' >> beam.Filter(lambda line: line.strip() != '')
+          | 'ParseCsv' >> beam.FlatMap(records.rows_from_csv_line))
+
+
+def build(p: beam.Pipeline, ingest: Dict[str, Any], examples_uri: str, dead_uri: str) -> None:
+  """Adds the ingestion graph to `p`, writing Split-<name>/ TFRecords and dead letters."""
+  rows = read_rows(p, ingest)
+  checked = rows | 'CheckRows' >> beam.ParDo(_CheckRow(ingest['p_hash_pattern'])).with_outputs(
+      'dead', main='ok')
+  deduped = (checked.ok
+             | 'KeyByPHash' >> beam.Map(lambda r: (r.p_hash, r))
+             | 'GroupByPHash' >> beam.GroupByKey()
+             | 'KeepFirst' >> beam.FlatMap(_dedup).with_outputs('dead', main='ok'))
+  fetched = (deduped.ok
+             | 'Spread' >> beam.Reshuffle()
+             | 'Batch' >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
+             | 'FetchValidate' >> beam.ParDo(_FetchAndValidate(ingest)).with_outputs(
+                 'dead', main='ok'))
+  dead = ((checked.dead, deduped.dead, fetched.dead)
+          | 'AllDead' >> beam.Flatten()
+          | 'CountDead' >> beam.Map(_count_dead))
+
+  split_names = list(ingest['splits'])
+  parts = fetched.ok | 'BySplit' >> beam.Partition(
+      lambda kv, n: split_names.index(kv[0]), len(split_names))
+  for name, part in zip(split_names, parts):
+    _ = (part
+         | f'Values[{name}]' >> beam.Values()
+         | f'Write[{name}]' >> beam.io.WriteToTFRecord(
+             os.path.join(examples_uri, f'Split-{name}', 'data_tfrecord'),
+             file_name_suffix='.gz'))
+  _ = (dead
+       | 'DeadJson' >> beam.Map(lambda d: d.to_json())
+       | 'WriteDead' >> beam.io.WriteToText(
+           os.path.join(dead_uri, DEAD_LETTER_DIR, 'dead_letters'), file_name_suffix='.jsonl'))
+
+  outcomes = ((fetched.ok | 'ExampleKeys' >> beam.Map(lambda kv: 'example:' + kv[0])),
+              (dead | 'DeadKeys' >> beam.Map(lambda d: 'dead:' + d.reason)))
+  _ = (outcomes
+       | 'AllOutcomes' >> beam.Flatten()
+       | 'CountOutcomes' >> beam.combiners.Count.PerElement()
+       | 'ToList' >> beam.combiners.ToList()
+       | 'Summarise' >> beam.Map(lambda kvs: json.dumps(_summary(kvs, split_names)))
+       | 'WriteSummary' >> beam.io.WriteToText(
+           os.path.join(dead_uri, SUMMARY_FILE), num_shards=1, shard_name_template=''))
+
+
+def _summary(kvs: List[Tuple[str, int]], split_names: List[str]) -> Dict[str, Any]:
+  examples = {s: 0 for s in split_names}
+  dead: Dict[str, int] = {}
+  for key, n in kvs:
+    kind, _, name = key.partition(':')
+    if kind == 'example':
+      examples[name] = n
+    else:
+      dead[name] = n
+  rows = sum(examples.values()) + sum(dead.values())
+  return {'rows': rows, 'examples': examples, 'dead_letters': dict(sorted(dead.items()))}
+
+
+def read_summary(dead_uri: str) -> Dict[str, Any]:
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  with FileSystems.open(os.path.join(dead_uri, SUMMARY_FILE)) as f:
+    return json.loads(f.read().decode())
+
+
+def check_share(summary: Dict[str, Any], max_share: float) -> None:
+  """Fails loudly when too much of the input became dead letters."""
+  rows = summary['rows']
+  dead = sum(summary['dead_letters'].values())
+  if rows == 0:
+    raise RuntimeError('ingestion read 0 rows: check the source (DSN / csv pattern)')
+  share = dead / rows
+  if share > max_share:
+    raise RuntimeError(
+        f'ingestion: {dead} of {rows} rows ({share:.1%}) became dead letters, over the '
+        f'configured limit ingest.max_dead_letter_share={max_share:.1%}; by reason: '
+        f'{summary["dead_letters"]}. Is the image host or the database healthy?')

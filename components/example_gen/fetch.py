@@ -1,0 +1,103 @@
+"""Fetching photos from the image host: one pooled HTTP session per worker.
+
+Retries (urllib3's Retry) with exponential backoff on 5xx, timeouts and connection
+resets, never on 404; connect/read timeouts; bounded concurrency by a thread pool
+the size of the connection pool. Non-HTTP templates (gs://, local paths) are read
+through Beam's FileSystems.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import List, Optional, Sequence, Tuple
+
+from components.example_gen import records
+
+# (data or None, dead-letter reason or None, detail)
+FetchResult = Tuple[Optional[bytes], Optional[str], str]
+
+
+class Fetcher:
+  """Fetches `<template with {p_hash}>` for many rows at once, bounded by `concurrency`."""
+
+  def __init__(self, url_template: str, concurrency: int = 32, connect_timeout_s: float = 5.0,
+               read_timeout_s: float = 20.0, retries: int = 3, backoff_factor: float = 0.2,
+               max_bytes: int = 64 << 20):
+    if '{p_hash}' not in url_template:
+      raise ValueError(f'image_url_template must contain {{p_hash}}: {url_template!r}')
+    self.template = url_template
+    self.is_http = url_template.startswith(('http://', 'https://'))
+    self.concurrency = max(1, int(concurrency))
+    self.timeout = (connect_timeout_s, read_timeout_s)
+    self.max_bytes = max_bytes
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
+    self.session = None
+    if self.is_http:
+      import requests  # pylint: disable=g-import-not-at-top
+      from requests.adapters import HTTPAdapter  # pylint: disable=g-import-not-at-top
+      from urllib3.util.retry import Retry  # pylint: disable=g-import-not-at-top
+      retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                    backoff_factor=backoff_factor, status_forcelist=(500, 502, 503, 504),
+                    allowed_methods=frozenset(['GET']), raise_on_status=False,
+                    respect_retry_after_header=False)
+      adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency,
+                            max_retries=retry, pool_block=True)
+      self.session = requests.Session()
+      self.session.mount('http://', adapter)
+      self.session.mount('https://', adapter)
+
+  def location(self, p_hash: str) -> str:
+    return self.template.format(p_hash=p_hash)
+
+  def fetch(self, p_hash: str) -> FetchResult:
+    return self._fetch_http(p_hash) if self.is_http else self._fetch_file(p_hash)
+
+  def fetch_many(self, p_hashes: Sequence[str]) -> List[FetchResult]:
+    return list(self._pool.map(self.fetch, p_hashes))
+
+  def close(self):
+    self._pool.shutdown(wait=False)
+    if self.session is not None:
+      self.session.close()
+
+  def _fetch_http(self, p_hash: str) -> FetchResult:
+    import requests  # pylint: disable=g-import-not-at-top
+    url = self.location(p_hash)
+    try:
+      with self.session.get(url, timeout=self.timeout, stream=True) as resp:
+        if resp.status_code == 404:
+          return None, records.HTTP_404, url
+        if resp.status_code >= 500:
+          return None, records.HTTP_5XX, f'{resp.status_code} after retries: {url}'
+        if resp.status_code != 200:
+          return None, records.HTTP_4XX, f'{resp.status_code}: {url}'
+        chunks, size = [], 0
+        for chunk in resp.iter_content(1 << 16):
+          size += len(chunk)
+          if size > self.max_bytes:
+            return None, records.TOO_LARGE, f'body over {self.max_bytes} bytes: {url}'
+          chunks.append(chunk)
+        return b''.join(chunks), None, ''
+    except requests.exceptions.RetryError as e:  # retries used up on a status
+      return None, records.HTTP_5XX, f'{url}: {e}'[:300]
+    except (requests.exceptions.Timeout,) as e:
+      return None, records.TIMEOUT, f'{url}: {type(e).__name__}'
+    except requests.exceptions.ConnectionError as e:
+      text = str(e)
+      reason = records.TIMEOUT if 'timed out' in text.lower() else records.CONNECTION
+      return None, reason, f'{url}: {text}'[:300]
+    except requests.exceptions.RequestException as e:
+      return None, records.CONNECTION, f'{url}: {type(e).__name__}: {e}'[:300]
+
+  def _fetch_file(self, p_hash: str) -> FetchResult:
+    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+    path = self.location(p_hash)
+    try:
+      if not FileSystems.exists(path):
+        return None, records.MISSING_FILE, path
+      with FileSystems.open(path, compression_type='uncompressed') as f:
+        data = f.read(self.max_bytes + 1)
+      if len(data) > self.max_bytes:
+        return None, records.TOO_LARGE, f'file over {self.max_bytes} bytes: {path}'
+      return data, None, ''
+    except Exception as e:  # pylint: disable=broad-except
+      return None, records.CONNECTION, f'{path}: {type(e).__name__}: {e}'[:300]

@@ -1,0 +1,227 @@
+"""Rows, dead letters and tf.Examples: the plain-Python core of ingestion.
+
+A *row* is one photo of one ad as the source gives it (one app.ad_images row, or
+one p_hash of a cars.csv `hashish`). Every row ends as exactly one example or one
+dead letter with a reason, so `rows == examples + dead letters` always holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+# Dead-letter reasons (also the Beam counter names, prefixed `dead_letter_`).
+HTTP_404 = 'http_404'
+HTTP_4XX = 'http_4xx'
+HTTP_5XX = 'http_5xx'
+TIMEOUT = 'timeout'
+CONNECTION = 'connection_error'
+NOT_JPEG = 'not_jpeg'
+CORRUPT_JPEG = 'corrupt_jpeg'
+TOO_LARGE = 'too_large'
+EMPTY = 'empty'
+NON_CAR = 'non_car'
+MISSING_LABEL = 'missing_label'
+PAIR_NOT_IN_CATALOG = 'pair_not_in_catalog'
+DUPLICATE = 'duplicate'
+BAD_P_HASH = 'bad_p_hash'
+BAD_ROW = 'bad_row'
+MISSING_FILE = 'missing_file'
+
+JPEG_MAGIC = b'\xff\xd8\xff'
+CLASS_SEP = '|'
+
+
+@dataclasses.dataclass
+class Row:
+  ad_id: Optional[int]
+  p_hash: str
+  position: int = 0
+  make: Optional[str] = None
+  model: Optional[str] = None
+  submodel: Optional[str] = None
+  # Pixel bbox [x1, y1, x2, y2] of the largest accepted detection, when known.
+  bbox: Optional[List[float]] = None
+  confidence: Optional[float] = None
+  # Set by the source when the row is already known to be unusable.
+  reason: Optional[str] = None
+  detail: str = ''
+
+  @property
+  def label(self) -> str:
+    return CLASS_SEP.join([self.make or '', self.model or '', self.submodel or ''])
+
+
+@dataclasses.dataclass
+class DeadLetter:
+  ad_id: Optional[int]
+  p_hash: str
+  reason: str
+  detail: str = ''
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def dead(row: Row, reason: str, detail: str = '') -> DeadLetter:
+  return DeadLetter(ad_id=row.ad_id, p_hash=row.p_hash, reason=reason, detail=detail[:300])
+
+
+def largest_detection(detections: Any, classes: Sequence[str], min_confidence: float
+                      ) -> Tuple[bool, Optional[List[float]], Optional[float]]:
+  """(has an accepted vehicle detection, its pixel bbox, its confidence).
+
+  `detections` is the yolo_classification jsonb: a list of
+  {class_name, confidence, bbox: [x1, y1, x2, y2]}; anything else counts as none.
+  """
+  if isinstance(detections, str):
+    try:
+      detections = json.loads(detections)
+    except ValueError:
+      return False, None, None
+  best, best_area, best_conf = None, -1.0, None
+  found = False
+  for d in detections if isinstance(detections, list) else []:
+    if not isinstance(d, dict) or d.get('class_name') not in classes:
+      continue
+    conf = d.get('confidence')
+    if conf is not None and float(conf) < min_confidence:
+      continue
+    found = True
+    box = d.get('bbox')
+    if isinstance(box, list) and len(box) == 4:
+      try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+      except (TypeError, ValueError):
+        continue
+      area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+      if area > best_area:
+        best, best_area, best_conf = [x1, y1, x2, y2], area, conf
+  return found, best, (float(best_conf) if best_conf is not None else None)
+
+
+def check_label(row: Row) -> Optional[DeadLetter]:
+  """Rows without a full make/model/submodel cannot be training labels."""
+  for name in ('make', 'model', 'submodel'):
+    v = getattr(row, name)
+    if v is None or not str(v).strip():
+      return dead(row, MISSING_LABEL, f'{name} is empty')
+    if CLASS_SEP in str(v):
+      return dead(row, MISSING_LABEL, f'{name} contains {CLASS_SEP!r}')
+  return None
+
+
+def check_p_hash(row: Row, pattern: str) -> Optional[DeadLetter]:
+  """A p_hash becomes a URL or path: only the configured shape is accepted."""
+  if not isinstance(row.p_hash, str) or not re.fullmatch(pattern, row.p_hash):
+    return dead(row, BAD_P_HASH, f'p_hash {str(row.p_hash)[:40]!r} does not match {pattern}')
+  return None
+
+
+def split_for(ad_id: int, splits: Dict[str, int]) -> str:
+  """A stable split by ad_id (sha256, not Python's salted hash), so an ad never crosses splits."""
+  total = sum(splits.values())
+  bucket = int(hashlib.sha256(str(int(ad_id)).encode()).hexdigest()[:8], 16) % total
+  for name, weight in splits.items():
+    if bucket < weight:
+      return name
+    bucket -= weight
+  raise AssertionError('unreachable')
+
+
+def validate_image(data: bytes, max_pixels: int) -> Tuple[Optional[str], str, int, int]:
+  """(reason or None, detail, width, height): JPEG by magic bytes, sane size, fully decodable."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not data:
+    return EMPTY, 'zero-byte body', 0, 0
+  if not data.startswith(JPEG_MAGIC):
+    head = data[:8]
+    kind = ('png' if head.startswith(b'\x89PNG') else 'html' if data.lstrip()[:1] == b'<'
+            else 'gif' if head.startswith(b'GIF8') else 'unknown')
+    return NOT_JPEG, f'content starts with {head!r} ({kind})', 0, 0
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      width, height = img.size
+      if img.format != 'JPEG':
+        return NOT_JPEG, f'decoder says {img.format}', width, height
+      if width * height > max_pixels:
+        return TOO_LARGE, f'{width}x{height} > {max_pixels} pixels', width, height
+      if width == 0 or height == 0:
+        return EMPTY, f'{width}x{height}', width, height
+      img.load()  # full decode: truncated/corrupt data raises here
+  except Image.DecompressionBombError as e:
+    return TOO_LARGE, str(e), 0, 0
+  except Exception as e:  # pylint: disable=broad-except
+    return CORRUPT_JPEG, f'{type(e).__name__}: {e}', 0, 0
+  return None, '', width, height
+
+
+def to_example(row: Row, data: bytes, width: int, height: int):
+  """The tf.Example: the JPEG bytes as fetched (never re-encoded), labels, ids, bbox."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def b(v: Iterable[bytes]):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(v)))
+
+  def i(v: Iterable[int]):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+
+  def f(v: Iterable[float]):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(v)))
+
+  # Normalised bbox of the largest car detection; the whole photo when unknown.
+  x1, y1, x2, y2 = 0.0, 0.0, 1.0, 1.0
+  known = 0
+  if row.bbox and width and height:
+    bx1, by1, bx2, by2 = row.bbox
+    x1, x2 = sorted((min(max(bx1 / width, 0.0), 1.0), min(max(bx2 / width, 0.0), 1.0)))
+    y1, y2 = sorted((min(max(by1 / height, 0.0), 1.0), min(max(by2 / height, 0.0), 1.0)))
+    known = 1 if (x2 > x1 and y2 > y1) else 0
+    if not known:
+      x1, y1, x2, y2 = 0.0, 0.0, 1.0, 1.0
+  feats = {
+      'image/encoded': b([data]),
+      'image/format': b([b'jpeg']),
+      'image/height': i([height]),
+      'image/width': i([width]),
+      'image/object/bbox/xmin': f([x1]),
+      'image/object/bbox/ymin': f([y1]),
+      'image/object/bbox/xmax': f([x2]),
+      'image/object/bbox/ymax': f([y2]),
+      'image/object/bbox/known': i([known]),
+      'label/make': b([row.make.encode()]),
+      'label/model': b([row.model.encode()]),
+      'label/submodel': b([row.submodel.encode()]),
+      'label/class': b([row.label.encode()]),
+      'ad_id': i([int(row.ad_id)]),
+      'p_hash': b([row.p_hash.encode()]),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feats))
+
+
+def rows_from_csv_line(line: str, line_no: int = 0) -> List[Row]:
+  """One cars.csv line (`ad_id,make,model,submodel,hashish`) -> one Row per p_hash.
+
+  A malformed line still yields one row (reason `bad_row`) so it is counted.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  try:
+    fields = next(csv.reader([line]))
+  except (csv.Error, StopIteration) as e:
+    return [Row(ad_id=None, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: {e}')]
+  if len(fields) != 5:
+    return [Row(ad_id=None, p_hash='', reason=BAD_ROW,
+                detail=f'line {line_no}: {len(fields)} fields, expected 5')]
+  ad_raw, make, model, submodel, hashish = fields
+  try:
+    ad_id = int(ad_raw)
+  except ValueError:
+    return [Row(ad_id=None, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: ad_id {ad_raw!r}')]
+  hashes = [h.strip() for h in hashish.split(',')] if hashish.strip() else []
+  if not hashes:
+    return [Row(ad_id=ad_id, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: no p_hash')]
+  return [Row(ad_id=ad_id, p_hash=h, position=pos, make=make or None, model=model or None,
+              submodel=submodel or None) for pos, h in enumerate(hashes)]

@@ -1,0 +1,188 @@
+"""Typed configuration loaded from configs/*.yaml (with `extends:` inheritance).
+
+One object flows through create_pipeline and the components, instead of a
+15-argument function; overrides come from the CLI as dotted keys.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
+
+
+@dataclasses.dataclass
+class HttpConfig:
+  concurrency: int = 32
+  connect_timeout_s: float = 5.0
+  read_timeout_s: float = 20.0
+  retries: int = 3
+  backoff_factor: float = 0.2
+
+
+@dataclasses.dataclass
+class IngestConfig:
+  dsn: Optional[str] = None
+  csv: Optional[str] = None
+  image_url_template: str = 'http://127.0.0.1:8000/{p_hash}.jpg'
+  vehicle_classes: List[str] = dataclasses.field(
+      default_factory=lambda: ['car', 'truck', 'motorbike', 'bus'])
+  min_confidence: float = 0.0
+  p_hash_pattern: str = '^[0-9a-f]{16}$'
+  partitions: int = 8
+  http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+  max_pixels: int = 40_000_000
+  splits: Dict[str, int] = dataclasses.field(
+      default_factory=lambda: {'train': 80, 'eval': 20})
+  max_dead_letter_share: float = 0.10
+
+
+@dataclasses.dataclass
+class StageConfig:
+  name: str = 'head'
+  trainable: str = 'none'  # none | top_blocks | all
+  epochs: int = 1
+  learning_rate: float = 1e-3
+  top_blocks: int = 2
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  backbone: str = 'efficientnet_lite2'
+  weights: str = 'imagenet'
+  image_size: int = 260
+  batch_size: int = 32
+  label_smoothing: float = 0.1
+  dropout: float = 0.3
+  stages: List[StageConfig] = dataclasses.field(default_factory=list)
+  early_stopping_patience: int = 3
+  tflite_representative_samples: int = 200
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+  top1_min: float = 0.80
+  top5_min: float = 0.95
+  max_regression: float = 0.01
+  slice_by: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PipelineSection:
+  name: str = 'carvision'
+  root: str = 'runs/carvision'
+  metadata: str = 'runs/carvision/metadata.sqlite'
+  enable_cache: bool = False
+  beam_args: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PushConfig:
+  dir: str = 'runs/carvision/serving'
+
+
+@dataclasses.dataclass
+class Config:
+  pipeline: PipelineSection = dataclasses.field(default_factory=PipelineSection)
+  ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+  push: PushConfig = dataclasses.field(default_factory=PushConfig)
+  source_file: str = ''
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  def path(self, p: str) -> str:
+    """Resolves a configured local path against the repository root."""
+    if p is None or '://' in p or os.path.isabs(p):
+      return p
+    return os.path.join(REPO_ROOT, p)
+
+
+def _build(cls, data: Dict[str, Any]):
+  """Builds a dataclass from a dict, rejecting unknown keys (typos fail loudly)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = set(data) - set(fields)
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} keys: {sorted(unknown)}')
+  kwargs = {}
+  for name, value in data.items():
+    ftype = fields[name].type
+    sub = {'HttpConfig': HttpConfig, 'IngestConfig': IngestConfig,
+           'ModelConfig': ModelConfig, 'EvaluateConfig': EvaluateConfig,
+           'PipelineSection': PipelineSection, 'PushConfig': PushConfig}.get(
+               ftype if isinstance(ftype, str) else getattr(ftype, '__name__', ''))
+    if sub is not None and isinstance(value, dict):
+      value = _build(sub, value)
+    elif name == 'stages':
+      value = [_build(StageConfig, s) for s in value]
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+  out = copy.deepcopy(base)
+  for k, v in over.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def _read(path: str) -> Dict[str, Any]:
+  with open(path) as f:
+    data = yaml.safe_load(f) or {}
+  parent = data.pop('extends', None)
+  if parent:
+    data = _merge(_read(os.path.join(os.path.dirname(path), parent)), data)
+  return data
+
+
+def resolve_path(name_or_path: str) -> str:
+  """`demo` -> configs/demo.yaml; an existing path is taken as it is."""
+  if os.path.exists(name_or_path):
+    return name_or_path
+  candidate = os.path.join(CONFIG_DIR, name_or_path)
+  for c in (candidate, candidate + '.yaml'):
+    if os.path.exists(c):
+      return c
+  raise FileNotFoundError(f'no config {name_or_path!r} (looked in {CONFIG_DIR})')
+
+
+def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
+  parts = key.split('.')
+  for p in parts[:-1]:
+    data = data.setdefault(p, {})
+  data[parts[-1]] = value
+
+
+def load(name_or_path: str = 'default', overrides: Optional[Dict[str, Any]] = None) -> Config:
+  """Loads a config; `overrides` maps dotted keys (`evaluate.top1_min`) to values."""
+  path = resolve_path(name_or_path)
+  data = _read(path)
+  for k, v in (overrides or {}).items():
+    _set_dotted(data, k, v)
+  cfg = _build(Config, data)
+  cfg.source_file = os.path.abspath(path)
+  return cfg
+
+
+def from_json(text: str) -> Config:
+  data = json.loads(text)
+  return _build(Config, data)
+
+
+def parse_override(item: str):
+  """`a.b=value` with a YAML-typed value."""
+  key, _, raw = item.partition('=')
+  if not key or not _:
+    raise ValueError(f'override must be key=value, got {item!r}')
+  return key, yaml.safe_load(raw)
