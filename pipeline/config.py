@@ -62,6 +62,7 @@ class ModelConfig:
   dropout: float = 0.3
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
   early_stopping_patience: int = 3
+  feature_views: int = 2
   tflite_representative_samples: int = 200
 
 

@@ -1,0 +1,21 @@
+"""Feature names shared by ingestion, Transform, Trainer and serving (one place to change)."""
+IMAGE = 'image/encoded'
+HEIGHT = 'image/height'
+WIDTH = 'image/width'
+BBOX = ('image/object/bbox/ymin', 'image/object/bbox/xmin',
+        'image/object/bbox/ymax', 'image/object/bbox/xmax')
+BBOX_KNOWN = 'image/object/bbox/known'
+LABELS = ('make', 'model', 'submodel', 'class')
+
+
+def raw_label(name: str) -> str:
+  return f'label/{name}'
+
+
+def label_id(name: str) -> str:
+  """Transformed integer label (index into the `label_<name>` vocabulary)."""
+  return f'label_{name}_id'
+
+
+def vocab_name(name: str) -> str:
+  return f'label_{name}'

@@ -1,0 +1,132 @@
+"""Exports: a SavedModel taking JPEG bytes, and int8 / fp16 TFLite taking uint8 pixels.
+
+SavedModel signatures:
+  serving_default(images: string[N] JPEG bytes) -> probabilities, top_k_labels, top_k_probabilities
+  serve_examples(examples: serialized tf.Example) -> probabilities   (TFMA)
+  transform_features(examples) -> transformed features incl. integer labels (TFMA labels)
+  serve_pixels(pixels: uint8[1, H, W, 3]) -> probabilities            (the TFLite function)
+Next to it, in `tflite/`: model.tflite (int8), model_fp16.tflite, labels.txt.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import tensorflow as tf
+
+from components import features as F
+from components.trainer import model as M
+
+TFLITE_DIR = 'tflite'
+TOP_K = 5
+
+
+def labels(tft_out, name: str = 'class') -> List[str]:
+  return [v.decode() if isinstance(v, bytes) else v
+          for v in tft_out.vocabulary_by_name(F.vocab_name(name))]
+
+
+def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
+  from components.trainer import task  # pylint: disable=g-import-not-at-top
+  return tf.map_fn(lambda j: task.decode(j, size), jpegs, fn_output_signature=tf.uint8)
+
+
+def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
+  size = int(cfg['model']['image_size'])
+  class_labels = labels(tft_out, 'class')
+  label_table = tf.constant(class_labels)
+  raw_spec = tft_out.raw_feature_spec()
+  full.tft_layer = tft_out.transform_features_layer()
+
+  def predict(pixels):
+    probs = full(pixels, training=False)[M.CLASS_OUT]
+    k = min(TOP_K, len(class_labels))
+    top = tf.math.top_k(probs, k=k)
+    return {'probabilities': probs, 'top_k_probabilities': top.values,
+            'top_k_labels': tf.gather(label_table, top.indices),
+            'make_probabilities': full(pixels, training=False)[M.MAKE_OUT]}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='images')])
+  def serve_jpeg(images):
+    return predict(_decode_batch(images, size))
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
+  def serve_examples(examples):
+    parsed = tf.io.parse_example(examples, {F.IMAGE: raw_spec[F.IMAGE]})
+    jpegs = tf.reshape(parsed[F.IMAGE], [-1])
+    return {'probabilities': full(_decode_batch(jpegs, size), training=False)[M.CLASS_OUT]}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
+  def transform_features(examples):
+    parsed = tf.io.parse_example(examples, raw_spec)
+    out = full.tft_layer(parsed)
+    return {k: v for k, v in out.items() if k.startswith('label_')}
+
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
+  def serve_pixels(pixels):
+    return {'probabilities': full(pixels, training=False)[M.CLASS_OUT]}
+
+  out_dir = fn_args.serving_model_dir
+  full.save(out_dir, save_format='tf', include_optimizer=False, signatures={
+      'serving_default': serve_jpeg, 'serve_examples': serve_examples,
+      'transform_features': transform_features, 'serve_pixels': serve_pixels})
+  tdir = os.path.join(out_dir, TFLITE_DIR)
+  tf.io.gfile.makedirs(tdir)
+  with tf.io.gfile.GFile(os.path.join(tdir, 'labels.txt'), 'w') as f:
+    f.write('\n'.join(class_labels) + '\n')
+  rep = representative_pixels(fn_args.train_files, tft_out.transformed_feature_spec(), size,
+                              int(cfg['model']['tflite_representative_samples']))
+  tflite_int8, tflite_fp16 = to_tflite(full, size, rep)
+  with tf.io.gfile.GFile(os.path.join(tdir, 'model.tflite'), 'wb') as f:
+    f.write(tflite_int8)
+  with tf.io.gfile.GFile(os.path.join(tdir, 'model_fp16.tflite'), 'wb') as f:
+    f.write(tflite_fp16)
+  with tf.io.gfile.GFile(os.path.join(tdir, 'training.json'), 'w') as f:
+    json.dump({'config': cfg, 'history': history, 'labels': len(class_labels)}, f, indent=1)
+
+
+def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:
+  """Photos from the train split, preprocessed exactly as at serving time."""
+  from components.trainer import task  # pylint: disable=g-import-not-at-top
+  files = task._files(train_patterns)  # pylint: disable=protected-access
+  ds = tf.data.TFRecordDataset(files, compression_type='GZIP').take(n)
+  out = []
+  for s in ds:
+    f = tf.io.parse_single_example(s, spec)
+    out.append(task.decode(tf.reshape(f[F.IMAGE], [-1])[0], size).numpy())
+  return np.stack(out)
+
+
+def to_tflite(full, size: int, rep: np.ndarray):
+  """(int8 bytes, fp16 bytes); both take uint8 [1, size, size, 3] and output probabilities."""
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='pixels')])
+  def float_pixels(pixels):  # the int8 graph: the converter quantises this float input to uint8
+    return full(pixels, training=False)[M.CLASS_OUT]
+
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
+  def uint8_pixels(pixels):
+    return full(pixels, training=False)[M.CLASS_OUT]
+
+  conv = tf.lite.TFLiteConverter.from_concrete_functions(
+      [float_pixels.get_concrete_function()], full)
+  conv.optimizations = [tf.lite.Optimize.DEFAULT]
+
+  def gen():
+    # The extremes first so the input quantisation spans 0..255 exactly (scale 1, zero point 0).
+    yield [np.zeros((1, size, size, 3), np.float32)]
+    yield [np.full((1, size, size, 3), 255.0, np.float32)]
+    for img in rep:
+      yield [img[None].astype(np.float32)]
+
+  conv.representative_dataset = gen
+  conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+  conv.inference_input_type = tf.uint8
+  int8 = conv.convert()
+
+  conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
+      [uint8_pixels.get_concrete_function()], full)
+  conv16.optimizations = [tf.lite.Optimize.DEFAULT]
+  conv16.target_spec.supported_types = [tf.float16]
+  return int8, conv16.convert()

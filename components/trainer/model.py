@@ -1,0 +1,81 @@
+"""The classifier: uint8 pixels in, normalisation and EfficientNet-Lite inside, two heads out."""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import tensorflow as tf
+import tf_keras as keras
+
+from components.backbone import efficientnet_lite as el
+
+CLASS_OUT, MAKE_OUT = 'class', 'make'
+
+
+def backbone(cfg_model) -> keras.Model:
+  size = int(cfg_model['image_size'])
+  if cfg_model['weights'] == 'imagenet':
+    return el.pretrained(cfg_model['backbone'], (size, size, 3))
+  if cfg_model['weights'] in (None, 'none'):
+    return el.build(cfg_model['backbone'], (size, size, 3))
+  raise ValueError(f"model.weights must be 'imagenet' or 'none', got {cfg_model['weights']!r}")
+
+
+def heads(n_features: int, n_classes: int, n_makes: int, dropout: float) -> keras.Model:
+  """Pooled features -> class and make probabilities (trained alone on cached features first)."""
+  feats = keras.Input((n_features,), name='features')
+  x = keras.layers.Dropout(dropout, name='head_dropout')(feats)
+  out = {CLASS_OUT: keras.layers.Dense(n_classes, activation='softmax', name=CLASS_OUT)(x),
+         MAKE_OUT: keras.layers.Dense(n_makes, activation='softmax', name=MAKE_OUT)(x)}
+  return keras.Model(feats, out, name='heads')
+
+
+def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
+  """uint8 [N, size, size, 3] (any value range 0..255) -> {class, make} probabilities."""
+  pixels = keras.Input((size, size, 3), name='pixels')
+  # Built-in layer (not a Lambda), so the saved model reloads anywhere: (x - MEAN) / STD.
+  x = keras.layers.Rescaling(1.0 / el.STD, offset=-el.MEAN / el.STD, name='normalise')(pixels)
+  out = head(base(x))
+  return keras.Model(pixels, out, name='carvision')
+
+
+def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:
+  """none: frozen; top_blocks: the last N blocks and the head conv; all: everything.
+
+  BatchNormalization stays frozen (inference statistics) in every mode: with small
+  batches on CPU, updating it hurts more than it helps.
+  """
+  blocks = el.block_names(base)
+  open_prefixes = set()
+  if mode == 'top_blocks':
+    open_prefixes = set(blocks[len(blocks) - int(top_blocks):]) | {'head_'}
+  for layer in base.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.trainable = False
+    elif mode == 'all':
+      layer.trainable = True
+    elif mode == 'top_blocks':
+      layer.trainable = any(layer.name.startswith(p) for p in open_prefixes)
+    elif mode == 'none':
+      layer.trainable = False
+    else:
+      raise ValueError(f'unknown trainable mode {mode!r}')
+  base.trainable = mode != 'none'
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to `peak`, then cosine decay to zero over `total` steps."""
+
+  def __init__(self, peak: float, total: int, warmup: int):
+    super().__init__()
+    self.peak, self.total, self.warmup = float(peak), max(1, int(total)), max(0, int(warmup))
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warm = self.peak * (step + 1.0) / float(max(1, self.warmup))
+    progress = (step - self.warmup) / float(max(1, self.total - self.warmup))
+    cos = 0.5 * self.peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+    return tf.where(step < self.warmup, warm, cos)
+
+  def get_config(self) -> Dict:
+    return {'peak': self.peak, 'total': self.total, 'warmup': self.warmup}

@@ -1,0 +1,99 @@
+"""create_pipeline: the carvision TFX pipeline, top-down in data order."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from tfx import v1 as tfx  # import tfx before tensorflow_model_analysis (EvalConfig appears then)
+import tensorflow_model_analysis as tfma
+
+from components import features as F
+from components.example_gen.component import CarAdsExampleGen
+from pipeline.config import Config, REPO_ROOT
+
+SCHEMA_DIR = os.path.join(REPO_ROOT, 'schemas')
+
+
+def eval_config(cfg: Config) -> tfma.EvalConfig:
+  """The deploy gate: top-1 / top-5 floors from config and no regression vs the latest blessed."""
+  ev = cfg.evaluate
+  regression = tfma.GenericChangeThreshold(
+      direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+      absolute={'value': -float(ev.max_regression)})
+  metrics = [
+      tfma.MetricConfig(
+          class_name='SparseCategoricalAccuracy', config='{"name": "top1_accuracy"}',
+          threshold=tfma.MetricThreshold(
+              value_threshold=tfma.GenericValueThreshold(lower_bound={'value': ev.top1_min}),
+              change_threshold=regression)),
+      tfma.MetricConfig(
+          class_name='SparseTopKCategoricalAccuracy', config='{"name": "top5_accuracy", "k": 5}',
+          threshold=tfma.MetricThreshold(
+              value_threshold=tfma.GenericValueThreshold(lower_bound={'value': ev.top5_min}))),
+      tfma.MetricConfig(class_name='ExampleCount'),
+  ]
+  return tfma.EvalConfig(
+      model_specs=[tfma.ModelSpec(
+          signature_name='serve_examples', label_key=F.label_id('class'),
+          prediction_key='probabilities', preprocessing_function_names=['transform_features'])],
+      slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[k])
+                                            for k in ev.slice_by],
+      metrics_specs=[tfma.MetricsSpec(metrics=metrics)])
+
+
+def create_pipeline(cfg: Config) -> tfx.dsl.Pipeline:
+  ingest = dataclasses.asdict(cfg.ingest)
+  if ingest['csv']:
+    ingest['csv'] = cfg.path(ingest['csv'])
+  example_gen = CarAdsExampleGen(ingest_config=json.dumps(ingest, sort_keys=True))
+
+  statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs['examples'])
+  schema_gen = tfx.components.ImportSchemaGen(schema_file=os.path.join(SCHEMA_DIR, 'schema.pbtxt'))
+  example_validator = tfx.components.ExampleValidator(
+      statistics=statistics_gen.outputs['statistics'], schema=schema_gen.outputs['schema'])
+
+  transform = tfx.components.Transform(
+      examples=example_gen.outputs['examples'], schema=schema_gen.outputs['schema'],
+      preprocessing_fn='components.transform.preprocessing_fn',
+      splits_config=tfx.proto.SplitsConfig(analyze=['train'], transform=['train', 'eval']))
+
+  trainer = tfx.components.Trainer(
+      run_fn='components.trainer.task.run_fn',
+      examples=transform.outputs['transformed_examples'],
+      transform_graph=transform.outputs['transform_graph'],
+      schema=schema_gen.outputs['schema'],
+      train_args=tfx.proto.TrainArgs(splits=['train']),
+      eval_args=tfx.proto.EvalArgs(splits=['eval']),
+      custom_config={'config': cfg.to_json()})
+
+  model_resolver = tfx.dsl.Resolver(
+      strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+      model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+      model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+  ).with_id('latest_blessed_model_resolver')
+
+  evaluator = tfx.components.Evaluator(
+      examples=example_gen.outputs['examples'],
+      model=trainer.outputs['model'],
+      baseline_model=model_resolver.outputs['model'],
+      eval_config=eval_config(cfg),
+      example_splits=['eval'])
+
+  pusher = tfx.components.Pusher(
+      model=trainer.outputs['model'],
+      model_blessing=evaluator.outputs['blessing'],
+      push_destination=tfx.proto.PushDestination(
+          filesystem=tfx.proto.PushDestination.Filesystem(
+              base_directory=cfg.path(cfg.push.dir))))
+
+  root = cfg.path(cfg.pipeline.root)
+  return tfx.dsl.Pipeline(
+      pipeline_name=cfg.pipeline.name,
+      pipeline_root=root,
+      components=[example_gen, statistics_gen, schema_gen, example_validator, transform,
+                  trainer, model_resolver, evaluator, pusher],
+      enable_cache=cfg.pipeline.enable_cache,
+      metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+          cfg.path(cfg.pipeline.metadata)),
+      beam_pipeline_args=list(cfg.pipeline.beam_args))

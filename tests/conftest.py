@@ -1,0 +1,63 @@
+"""Shared fixtures: a real throwaway PostgreSQL, a real photo host on loopback.
+
+TensorFlow/protobuf can crash at interpreter teardown (exit 139) with some version
+sets; the session's real exit status is kept by leaving through os._exit.
+"""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from pipeline import services  # noqa: E402
+
+TINY = os.path.join(REPO, 'tests', 'data', 'car_ads_tiny')
+SHARED_FULL = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'car_ads')
+
+_rc = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+  global _rc
+  _rc = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(_rc)
+
+
+@pytest.fixture(scope='session')
+def postgres():
+  pg = services.Postgres()
+  yield pg
+  pg.stop()
+
+
+@pytest.fixture(scope='session')
+def tiny_dsn(postgres):
+  return postgres.create_db('tiny', os.path.join(TINY, 'seez.sql'))
+
+
+@pytest.fixture()
+def image_host():
+  host = services.ImageHost(os.path.join(TINY, 'images'))
+  yield host
+  host.stop()
+
+
+@pytest.fixture(scope='session')
+def tiny_labels():
+  import csv
+  with open(os.path.join(TINY, 'labels.csv')) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='session')
+def tiny_manifest():
+  import json
+  with open(os.path.join(TINY, 'manifest.json')) as f:
+    return json.load(f)
