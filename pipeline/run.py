@@ -90,12 +90,14 @@ def read_metrics(eval_uri: str) -> Dict[str, Optional[float]]:
 
 
 def read_failures(eval_uri: str) -> Dict[str, str]:
-  """Metric name -> TFMA's failure message, for the overall slice and every other slice."""
+  """Metric name -> TFMA's failure message on the overall slice (the one that gates)."""
   from tfx import v1  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   import tensorflow_model_analysis as tfma  # pylint: disable=g-import-not-at-top
   result = tfma.load_validation_result(eval_uri)
   out: Dict[str, str] = {}
   for per_slice in result.metric_validations_per_slice:
+    if per_slice.slice_key.single_slice_keys:
+      continue
     for failure in per_slice.failures:
       out.setdefault(failure.metric_key.name, failure.message)
   return out

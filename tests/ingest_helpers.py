@@ -38,7 +38,7 @@ def run_ingest(tmp_path, **over):
   return summary, dead, examples
 
 
-def expected_from_labels(labels, manifest):
+def expected_from_labels(labels, manifest, images_dir=None):
   """What the database rows must become, from labels.csv ground truth and the noise ids."""
   noise = manifest['noise_ids']
   unlinked = {int(a) for a in noise['d_unlinked_model_submodel_ads']}
@@ -62,7 +62,12 @@ def expected_from_labels(labels, manifest):
       reasons['http_404'] += 1
       seen.add(row['p_hash'])
     elif row['p_hash'] in corrupt:
-      reasons['corrupt_jpeg'] += 1
+      # Truncated JPEGs are corrupt; random bytes are not JPEG at all (magic bytes).
+      head = b'\xff\xd8\xff'
+      if images_dir:
+        with open(os.path.join(images_dir, row['p_hash'] + '.jpg'), 'rb') as f:
+          head = f.read(3)
+      reasons['corrupt_jpeg' if head == b'\xff\xd8\xff' else 'not_jpeg'] += 1
       seen.add(row['p_hash'])
     else:
       examples += 1

@@ -165,7 +165,7 @@ def test_full_dataset_reconciles_with_manifest(tmp_path, postgres):
     labels = list(csv.DictReader(f))
   with open(os.path.join(SHARED_FULL, 'manifest.json')) as f:
     manifest = json.load(f)
-  n_examples, reasons = expected_from_labels(labels, manifest)
+  n_examples, reasons = expected_from_labels(labels, manifest, os.path.join(SHARED_FULL, 'images'))
   assert summary['rows'] == len(labels) == manifest['counts']['ad_images_rows']
   assert sum(summary['examples'].values()) == n_examples
   assert summary['dead_letters'] == reasons
