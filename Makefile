@@ -1,6 +1,7 @@
 # carvision: two commands on a fresh machine: `make demo` and `make test`.
 ENV := scripts/env.sh
 PYTEST_ARGS ?=
+TESTS ?= tests
 
 .PHONY: env demo test lock clean
 env:
@@ -10,7 +11,7 @@ demo: env
 	$(ENV) run 'python -m pipeline.cli demo --fresh'
 
 test: env
-	$(ENV) run 'python -m pytest -p no:cacheprovider tests $(PYTEST_ARGS)'
+	$(ENV) run 'python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(TESTS)'
 
 lock: env
 	$(ENV) lock
