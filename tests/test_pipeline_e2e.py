@@ -93,7 +93,8 @@ def test_model_signatures_and_tflite(first_run):
   interp = Interpreter(model_path=os.path.join(model_dir, 'tflite', 'model.tflite'))
   interp.allocate_tensors()
   inp = interp.get_input_details()[0]
-  assert inp['dtype'] == np.uint8 and list(inp['shape']) == [1, 224, 224, 3]
+  size = cfg.model.image_size
+  assert inp['dtype'] == np.uint8 and list(inp['shape']) == [1, size, size, 3]
   assert len(labels) == interp.get_output_details()[0]['shape'][-1] == 10
 
 
