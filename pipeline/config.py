@@ -15,6 +15,9 @@ import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
+if not os.path.isdir(CONFIG_DIR):  # installed from a wheel: setup.py's data_files
+  import sys  # pylint: disable=g-import-not-at-top
+  CONFIG_DIR = os.path.join(sys.prefix, 'carvision', 'configs')
 
 
 @dataclasses.dataclass

@@ -10,9 +10,9 @@ import tensorflow_model_analysis as tfma
 
 from components import features as F
 from components.example_gen.component import CarAdsExampleGen
-from pipeline.config import Config, REPO_ROOT
+from pipeline.config import CONFIG_DIR, Config
 
-SCHEMA_DIR = os.path.join(REPO_ROOT, 'schemas')
+SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
 
 
 # TFMA computes accuracies in float32: 38/40 is 0.94999999, which must pass a 0.95 gate.
