@@ -4,6 +4,7 @@ against a serial downloader (one request after another, like the original script
   scripts/env.sh run 'python bench/ingest.py [--photos 1200] [--latency-ms 20]'
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,8 +41,12 @@ def main():
       fake = f'{i:016x}'
       alias[fake] = images[i % len(images)]
       f.write(f'{1000000 + i},Make,Model,Sub,{fake}\n')
+  blobs = {}
+  for name in images:
+    with open(os.path.join(TINY, 'images', name + '.jpg'), 'rb') as f:
+      blobs[name] = f.read()
   for fake, real in alias.items():
-    host.faults[fake] = (lambda r: (lambda k: (200, open(os.path.join(TINY, 'images', r + '.jpg'), 'rb').read())))(real)
+    host.faults[fake] = lambda k, body=blobs[real]: (200, body)
 
   # Serial: one request after another with a plain session, then the same validation.
   t = time.time()
@@ -52,7 +57,6 @@ def main():
   serial = args.serial_photos / (time.time() - t)
 
   cfg = config_lib.load('default')
-  import dataclasses
   ingest = dataclasses.asdict(cfg.ingest)
   ingest.update(csv=csv_path, dsn=None, image_url_template=host.url_template,
                 max_dead_letter_share=1.0)

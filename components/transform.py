@@ -4,7 +4,6 @@ Decoding and resizing happen in the Trainer's tf.data pipeline and inside the
 exported model, so TFRecords never hold float images and clients send raw JPEG
 bytes (SavedModel) or uint8 pixels (TFLite).
 """
-import tensorflow as tf
 import tensorflow_transform as tft
 
 from components import features as F

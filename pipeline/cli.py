@@ -64,8 +64,6 @@ def cmd_ingest(args) -> int:
   if args.image_url_template:
     ingest['image_url_template'] = args.image_url_template
   beam_args = ['--runner', args.runner] + (args.beam_arg or [])
-  if args.runner == 'DirectRunner' and not args.beam_arg:
-    beam_args = ['--runner', 'DirectRunner']
   os.makedirs(args.out, exist_ok=True)
   with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
     beam_ingest.build(p, ingest, os.path.join(args.out, 'examples'), args.out)

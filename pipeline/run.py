@@ -114,7 +114,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines.append(f'  dropped {reason:<22} {n}')
   if s.get('dead_letters_uri'):
     lines.append(f"  dead-letter records: {s['dead_letters_uri']}/dead_letters/")
-  lines.append(f"evaluation on the eval split ({s.get('eval_examples')} photos):")
+  n_eval = s.get('eval_examples')
+  lines.append(f"evaluation on the eval split ({'n/a' if n_eval is None else int(n_eval)} photos):")
   for name, m in s['metrics'].items():
     val = 'n/a' if m['value'] is None else f"{m['value']:.6f}"
     lines.append(f"  {name:<14} {val:>7}  threshold >= {m['threshold']:.2f}  "

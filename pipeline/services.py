@@ -97,7 +97,8 @@ def load_sql(dsn: str, sql_file: str) -> None:
     raise RuntimeError(f'loading {sql_file} failed: {res.stdout[-2000:]}')
 
 
-# A fault: (status, body) to answer instead of the file, or a callable(path) -> that or None.
+# A fault: called with the p_hash; returns (status, body) to answer instead of the file,
+# (None, seconds) to hang and close without answering, or None to serve the file.
 Fault = Callable[[str], Optional[tuple]]
 
 

@@ -1,5 +1,4 @@
 """The converted EfficientNet-Lite ImageNet weights behave like ImageNet weights."""
-import glob
 import os
 
 import numpy as np

@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from components.example_gen import records
+from components.example_gen import beam_ingest, records
 from tests.conftest import TINY
 from tests.ingest_helpers import expected_from_labels, run_ingest
 
@@ -140,10 +140,10 @@ def test_duplicate_p_hash_kept_once_and_bad_hash_never_fetched(tmp_path, image_h
 def test_dead_letter_share_limit_fails_loudly(tmp_path, image_host):
   for h in GOOD[:3]:
     image_host.faults[h] = lambda k: (404, b'')
+  summary, _, _ = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, GOOD[:4]),
+                             image_url_template=image_host.url_template)
+  assert summary['dead_letters'] == {records.HTTP_404: 3}
   with pytest.raises(RuntimeError, match='max_dead_letter_share'):
-    from components.example_gen import beam_ingest
-    summary, _, _ = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, GOOD[:4]),
-                               image_url_template=image_host.url_template)
     beam_ingest.check_share(summary, 0.10)
 
 

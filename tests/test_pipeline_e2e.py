@@ -1,6 +1,5 @@
 """The real TFX pipeline on the embedded sample: PostgreSQL, HTTP photo host, BeamDagRunner."""
 import glob
-import json
 import os
 
 import numpy as np

@@ -41,12 +41,12 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   full.tft_layer = tft_out.transform_features_layer()
 
   def predict(pixels):
-    probs = full(pixels, training=False)[M.CLASS_OUT]
-    k = min(TOP_K, len(class_labels))
-    top = tf.math.top_k(probs, k=k)
+    out = full(pixels, training=False)  # one forward pass for both heads
+    probs = out[M.CLASS_OUT]
+    top = tf.math.top_k(probs, k=min(TOP_K, len(class_labels)))
     return {'probabilities': probs, 'top_k_probabilities': top.values,
             'top_k_labels': tf.gather(label_table, top.indices),
-            'make_probabilities': full(pixels, training=False)[M.MAKE_OUT]}
+            'make_probabilities': out[M.MAKE_OUT]}
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='images')])
   def serve_jpeg(images):

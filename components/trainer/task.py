@@ -75,7 +75,7 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def cached_features(base: keras.Model, ds: tf.data.Dataset, size: int):
+def cached_features(base: keras.Model, ds: tf.data.Dataset):
   """Runs the frozen backbone once over `ds`; returns (features, labels dict)."""
   feats, cls, make = [], [], []
   for x, y in ds:
@@ -124,9 +124,10 @@ def run_fn(fn_args):
     return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max', patience=patience,
                                          restore_best_weights=True)
 
-  train_eval = lambda training, repeat=False: dataset(  # noqa: E731
-      train_files if training else eval_files, spec, size, batch, n_classes, n_makes,
-      training=training, repeat=repeat)
+  def data(files, training, repeat=False):
+    return dataset(files, spec, size, batch, n_classes, n_makes, training=training, repeat=repeat)
+
+  n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
   cache = None
   for stage in mc['stages']:
     name, epochs = stage['name'], int(stage['epochs'])
@@ -135,12 +136,12 @@ def run_fn(fn_args):
       # Frozen backbone: features once (views = 1 clean + augmented copies), heads only.
       if cache is None:
         M.set_trainable(base, 'none')
-        views = [dataset(train_files, spec, size, batch, n_classes, n_makes, training=False)]
-        views += [train_eval(True) for _ in range(int(mc.get('feature_views', 2)) - 1)]
-        parts = [cached_features(base, v, size) for v in views]
+        views = [data(train_files, False)]
+        views += [data(train_files, True) for _ in range(int(mc['feature_views']) - 1)]
+        parts = [cached_features(base, v) for v in views]
         xtr = np.concatenate([p[0] for p in parts])
         ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-        xev, yev = cached_features(base, train_eval(False), size)
+        xev, yev = cached_features(base, data(eval_files, False))
         cache = (xtr, ytr, xev, yev)
         logging.info('cached features: train %s eval %s in %.1fs', xtr.shape, xev.shape,
                      time.time() - ts)
@@ -151,19 +152,19 @@ def run_fn(fn_args):
                    callbacks=[stop(), tb], verbose=2)
     else:
       M.set_trainable(base, stage['trainable'], int(stage.get('top_blocks', 2)))
-      n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
       per_epoch = max(1, n_train // batch)
       _compile(full, M.WarmupCosine(stage['learning_rate'], per_epoch * epochs, per_epoch // 2),
                smoothing)
-      h = full.fit(train_eval(True, repeat=True), steps_per_epoch=per_epoch, epochs=epochs,
-                   validation_data=train_eval(False), callbacks=[stop(), tb], verbose=2)
+      h = full.fit(data(train_files, True, repeat=True), steps_per_epoch=per_epoch,
+                   epochs=epochs, validation_data=data(eval_files, False),
+                   callbacks=[stop(), tb], verbose=2)
     history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     history[name]['seconds'] = time.time() - ts
     logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
 
   # Final figures of the restored model on the eval split (Keras, float).
   _compile(full, 1e-4, smoothing)
-  final = full.evaluate(train_eval(False), return_dict=True, verbose=0)
+  final = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)
   logging.info('float model on eval split: %s', final)
   export.export_all(full, tft_out, fn_args, cfg, history={'stages': history, 'eval': final,
                                                            'train_seconds': time.time() - t0})
