@@ -46,9 +46,21 @@ def cmd_run(args) -> int:
     print(f'runner {args.runner!r} is not available yet (see docs); use --runner direct',
           file=sys.stderr)
     return 2
-  run.run_direct(cfg)
-  print(run.format_summary(run.summarize(cfg)))
-  return 0
+  if args.data:
+    # A data set in the car_ads format: throwaway PostgreSQL loaded from its dump, photos on loopback.
+    from pipeline import services  # pylint: disable=g-import-not-at-top
+    with services.local_services(args.data, dsn=os.environ.get('CARVISION_DSN')) as svc:
+      cfg.ingest.dsn, cfg.ingest.csv = svc['dsn'], None
+      cfg.ingest.image_url_template = svc['image_url_template']
+      run.run_direct(cfg)
+  else:
+    run.run_direct(cfg)
+  summary = run.summarize(cfg)
+  print(run.format_summary(summary))
+  if args.summary_json:
+    with open(args.summary_json, 'w') as f:
+      json.dump(summary, f, indent=1)
+  return 0 if summary.get('blessed') else 4
 
 
 def cmd_ingest(args) -> int:
@@ -116,6 +128,9 @@ def main(argv=None) -> int:
   p = sub.add_parser('run', help='run the pipeline')
   common(p)
   p.add_argument('--runner', default='direct', choices=['direct', 'dataflow', 'vertex'])
+  p.add_argument('--data', help='a directory in the car_ads format (seez.sql + images/): '
+                 'serve it from a throwaway PostgreSQL and a loopback photo host')
+  p.add_argument('--summary-json', help='also write the summary as JSON here')
   p.set_defaults(fn=cmd_run)
 
   p = sub.add_parser('ingest', help='run the ExampleGen alone (Beam) and print its summary')

@@ -53,6 +53,9 @@ class StageConfig:
   epochs: int = 1
   learning_rate: float = 1e-3
   top_blocks: int = 2
+  # top_blocks only: train on activations of the frozen lower network computed once
+  # (with the frozen stage's views) instead of running the whole network every step.
+  cached: bool = False
 
 
 @dataclasses.dataclass

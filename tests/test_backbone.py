@@ -51,3 +51,32 @@ def test_untrusted_pickle_is_refused(tmp_path):
     pickle.dump(os.system, f)
   with pytest.raises(pickle.UnpicklingError, match='refusing'):
     torch_pickle.load(str(path))
+
+
+@pytest.mark.parametrize('variant', ['efficientnet_lite0', 'efficientnet_lite2'])
+def test_logits_match_original_pytorch_implementation(variant):
+  """tests/reference/make_reference.py computed these with efficientnet-lite-pytorch + torch."""
+  ref = np.load(os.path.join(os.path.dirname(__file__), 'reference', 'efficientnet_lite_logits.npz'))
+  size = el.VARIANTS[variant][2]
+  photos = _photos(size, n=4)
+  model = el.pretrained(variant, (size, size, 3), include_top=True)
+  ours = model(el.normalise(photos)).numpy()
+  expected = ref[variant]
+  scale = np.abs(expected).max()
+  assert np.abs(ours - expected).max() <= 2e-3 * scale, np.abs(ours - expected).max()
+  np.testing.assert_array_equal(np.argsort(-ours, 1)[:, :5], np.argsort(-expected, 1)[:, :5])
+
+
+def test_split_network_equals_whole():
+  """upper(lower(x)) == base(x): what makes training the top on cached activations exact."""
+  variant, size = 'efficientnet_lite0', 224
+  base = el.pretrained(variant, (size, size, 3))
+  x = el.normalise(_photos(size, n=2))
+  for top in (1, 4, len(el.block_plan(variant))):
+    lower, upper = el.split(base, variant, top)
+    np.testing.assert_allclose(upper(lower(x)).numpy(), base(x).numpy(), atol=1e-4)
+    assert {l.name for l in upper.layers if l.weights} <= {l.name for l in base.layers}
+  # weights written back land in the whole network
+  upper.get_layer('head_conv').set_weights([np.zeros_like(w) for w in upper.get_layer('head_conv').get_weights()])
+  el.copy_weights(upper, base)
+  assert not base.get_layer('head_conv').get_weights()[0].any()

@@ -78,13 +78,25 @@ def build(variant: str, input_shape: Tuple[int, int, int] = (None, None, 3),
   if variant not in VARIANTS:
     raise ValueError(f'unknown backbone {variant!r}; known: {sorted(VARIANTS)}')
   inp = keras.Input(shape=input_shape, name='normalised_image')
-
-  def bn(x, n):
-    return layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=n)(x)
-
+  bn = lambda y, n: layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=n)(y)
   x = layers.Conv2D(32, 3, strides=2, padding='same', use_bias=False, name='stem_conv')(inp)
   x = layers.ReLU(6.0, name='stem_relu')(bn(x, 'stem_bn'))
+  x = _blocks(x, variant, 0)
+  x = _head(x, include_top)
+  return keras.Model(inp, x, name=name or variant)
+
+
+def _blocks(x, variant: str, start: int):
+  """MBConv blocks `start`.. of `variant` applied to x (names shared with the full graph)."""
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  layers = keras.layers
+
+  def bn(y, n):
+    return layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=n)(y)
+
   for i, (k, s, e, fin, fout) in enumerate(block_plan(variant)):
+    if i < start:
+      continue
     p = f'block{i}_'
     shortcut = x
     if e != 1:
@@ -96,12 +108,49 @@ def build(variant: str, input_shape: Tuple[int, int, int] = (None, None, 3),
     x = bn(x, p + 'project_bn')
     if s == 1 and fin == fout:
       x = layers.Add(name=p + 'add')([x, shortcut])
+  return x
+
+
+def _head(x, include_top: bool):
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  layers = keras.layers
   x = layers.Conv2D(1280, 1, padding='same', use_bias=False, name='head_conv')(x)
-  x = layers.ReLU(6.0, name='head_relu')(bn(x, 'head_bn'))
+  x = layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name='head_bn')(x)
+  x = layers.ReLU(6.0, name='head_relu')(x)
   x = layers.GlobalAveragePooling2D(name='avg_pool')(x)
   if include_top:
     x = layers.Dense(1000, name='imagenet_logits')(x)
-  return keras.Model(inp, x, name=name or variant)
+  return x
+
+
+def split(base, variant: str, top_blocks: int):
+  """(lower, upper) with upper(lower(x)) == base(x): upper = the last `top_blocks` blocks + head.
+
+  Training only `upper` on activations of `lower` computed once is what makes
+  fine-tuning the top of the network affordable on a CPU. `upper` has its own
+  variables (copied from `base` by layer name); `copy_weights(upper, base)` writes
+  them back after training.
+  """
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  n = len(block_plan(variant))
+  if not 0 < top_blocks <= n:
+    raise ValueError(f'top_blocks must be in 1..{n} for {variant}, got {top_blocks}')
+  start = n - top_blocks
+  last = [l for l in base.layers if l.name.startswith(f'block{start - 1}_')][-1] if start else \
+      base.get_layer('stem_relu')
+  lower = keras.Model(base.input, last.output, name=f'{variant}_lower')
+  inp = keras.Input(shape=last.output.shape[1:], name='activations')
+  upper = keras.Model(inp, _head(_blocks(inp, variant, start), False), name=f'{variant}_upper')
+  copy_weights(base, upper)
+  return lower, upper
+
+
+def copy_weights(src, dst) -> None:
+  """Copies the weights of every layer name the two models share, from `src` into `dst`."""
+  names = {l.name for l in src.layers if l.weights}
+  for layer in dst.layers:
+    if layer.weights and layer.name in names:
+      layer.set_weights(src.get_layer(layer.name).get_weights())
 
 
 def block_names(model) -> list:

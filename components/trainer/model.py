@@ -35,8 +35,12 @@ def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
   pixels = keras.Input((size, size, 3), name='pixels')
   # Built-in layer (not a Lambda), so the saved model reloads anywhere: (x - MEAN) / STD.
   x = keras.layers.Rescaling(1.0 / el.STD, offset=-el.MEAN / el.STD, name='normalise')(pixels)
-  out = head(base(x))
-  return keras.Model(pixels, out, name='carvision')
+  return keras.Model(pixels, named(head(base(x))), name='carvision')
+
+
+def named(outputs: Dict) -> Dict:
+  """Names a nested model's outputs `class` / `make`, so metrics read `val_class_top1`."""
+  return {k: keras.layers.Activation('linear', name=k)(v) for k, v in outputs.items()}
 
 
 def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:

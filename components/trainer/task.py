@@ -75,16 +75,43 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def cached_features(base: keras.Model, ds: tf.data.Dataset):
-  """Runs the frozen backbone once over `ds`; returns (features, labels dict)."""
+def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16):
+  """Runs the frozen lower network once over `ds`; returns (activations, labels dict).
+
+  Activations are kept as float16 to halve memory (feature maps of thousands of views).
+  """
+  f = tf.function(lambda x: lower(M.el.normalise(x), training=False))
   feats, cls, make = [], [], []
   for x, y in ds:
-    feats.append(base(M.el.normalise(x), training=False).numpy())
-    cls.append(y[M.CLASS_OUT].numpy())
-    make.append(y[M.MAKE_OUT].numpy())
+    feats.append(f(x).numpy().astype(dtype))
+    cls.append(np.argmax(y[M.CLASS_OUT].numpy(), -1).astype(np.int32))
+    make.append(np.argmax(y[M.MAKE_OUT].numpy(), -1).astype(np.int32))
   if not feats:
-    raise ValueError('no training examples with a known label')
+    raise ValueError('no examples with a known label')
   return np.concatenate(feats), {M.CLASS_OUT: np.concatenate(cls), M.MAKE_OUT: np.concatenate(make)}
+
+
+class ArrayBatches(keras.utils.Sequence):
+  """Shuffled float32 batches from a float16 array, with one-hot (smoothable) labels."""
+
+  def __init__(self, x, y, batch, n_out, shuffle, seed=7):
+    super().__init__()
+    self.x, self.y, self.batch, self.n_out, self.shuffle = x, y, batch, n_out, shuffle
+    self.rng = np.random.default_rng(seed)
+    self.order = np.arange(len(x))
+    self.on_epoch_end()
+
+  def __len__(self):
+    return -(-len(self.x) // self.batch)
+
+  def __getitem__(self, i):
+    idx = np.sort(self.order[i * self.batch:(i + 1) * self.batch])
+    ys = {k: np.eye(self.n_out[k], dtype=np.float32)[v[idx]] for k, v in self.y.items()}
+    return self.x[idx].astype(np.float32), ys
+
+  def on_epoch_end(self):
+    if self.shuffle:
+      self.rng.shuffle(self.order)
 
 
 def _compile(m: keras.Model, schedule, smoothing: float):
@@ -128,28 +155,77 @@ def run_fn(fn_args):
     return dataset(files, spec, size, batch, n_classes, n_makes, training=training, repeat=repeat)
 
   n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
+  stages = mc['stages']
+  # Cached stages (frozen, or top blocks with `cached: true`) share one pass of the
+  # frozen lower network over 1 clean + (feature_views - 1) augmented views of each photo.
+  cached_tops = [int(st.get('top_blocks', 2)) for st in stages
+                 if st['trainable'] == 'top_blocks' and st.get('cached')]
+  upper = lower = None
   cache = None
-  for stage in mc['stages']:
+  n_out = {M.CLASS_OUT: n_classes, M.MAKE_OUT: n_makes}
+
+  def build_cache():
+    nonlocal lower, upper
+    ts = time.time()
+    M.set_trainable(base, 'none')
+    if cached_tops:
+      lower, upper = M.el.split(base, mc['backbone'], max(cached_tops))
+    else:
+      lower = base
+    views = [data(train_files, False)]
+    views += [data(train_files, True) for _ in range(int(mc['feature_views']) - 1)]
+    parts = [cached_features(lower, v) for v in views]
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    xev, yev = cached_features(lower, data(eval_files, False))
+    logging.info('cached activations: train %s eval %s (%.0f MB) in %.1fs', xtr.shape,
+                 xev.shape, (xtr.nbytes + xev.nbytes) / 2**20, time.time() - ts)
+    return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts}
+
+  def pooled(c):
+    """Frozen-stage inputs: pooled features (through the frozen upper part when split)."""
+    if 'pooled' not in c:
+      xtr, ytr, xev, yev = c['maps']
+      if upper is None:
+        c['pooled'] = (xtr, ytr, xev, yev)
+      else:
+        M.set_trainable(upper, 'none')
+        f = tf.function(lambda x: upper(x, training=False))
+        run = lambda a: np.concatenate([f(a[i:i + 256].astype(np.float32)).numpy()
+                                        for i in range(0, len(a), 256)])
+        c['pooled'] = (run(xtr), ytr, run(xev), yev)
+    return c['pooled']
+
+  best = -1.0  # best eval top-1 so far; a stage that does not beat it is rolled back
+  for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
     ts = time.time()
+    before = full.get_weights()
+    cached_stage = stage['trainable'] == 'none' or (
+        stage['trainable'] == 'top_blocks' and stage.get('cached'))
+    if cached_stage and cache is None:
+      cache = build_cache()
     if stage['trainable'] == 'none':
-      # Frozen backbone: features once (views = 1 clean + augmented copies), heads only.
-      if cache is None:
-        M.set_trainable(base, 'none')
-        views = [data(train_files, False)]
-        views += [data(train_files, True) for _ in range(int(mc['feature_views']) - 1)]
-        parts = [cached_features(base, v) for v in views]
-        xtr = np.concatenate([p[0] for p in parts])
-        ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-        xev, yev = cached_features(base, data(eval_files, False))
-        cache = (xtr, ytr, xev, yev)
-        logging.info('cached features: train %s eval %s in %.1fs', xtr.shape, xev.shape,
-                     time.time() - ts)
-      xtr, ytr, xev, yev = cache
-      steps = max(1, -(-len(xtr) // batch)) * epochs
+      xtr, ytr, xev, yev = pooled(cache)
+      train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
+      model, val = head, ArrayBatches(xev, yev, 256, n_out, shuffle=False)
+      steps = len(train_seq) * epochs
       _compile(head, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
-      h = head.fit(xtr, ytr, batch_size=batch, epochs=epochs, validation_data=(xev, yev),
-                   callbacks=[stop(), tb], verbose=2)
+      h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(), tb],
+                   verbose=2)
+    elif cached_stage:
+      # Top blocks + heads trained on cached lower activations; copied back afterwards.
+      xtr, ytr, xev, yev = cache['maps']
+      M.set_trainable(upper, 'top_blocks', int(stage.get('top_blocks', 2)))
+      cache.pop('pooled', None)  # the upper part changes: pooled features go stale
+      inp = keras.Input(xtr.shape[1:], name='activations')
+      top = keras.Model(inp, M.named(head(upper(inp))), name='top')
+      train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
+      steps = len(train_seq) * epochs
+      _compile(top, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
+      h = top.fit(train_seq, epochs=epochs, validation_data=ArrayBatches(
+          xev, yev, 256, n_out, shuffle=False), callbacks=[stop(), tb], verbose=2)
+      M.el.copy_weights(upper, base)
     else:
       M.set_trainable(base, stage['trainable'], int(stage.get('top_blocks', 2)))
       per_epoch = max(1, n_train // batch)
@@ -160,7 +236,18 @@ def run_fn(fn_args):
                    callbacks=[stop(), tb], verbose=2)
     history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     history[name]['seconds'] = time.time() - ts
+    stage_best = max(h.history.get('val_class_top1', [0.0]))
+    if stage_best < best:
+      full.set_weights(before)
+      if upper is not None:
+        M.el.copy_weights(base, upper)
+      history[name]['rolled_back'] = True
+      logging.info('stage %s: best eval top-1 %.4f < %.4f before it; weights restored',
+                   name, stage_best, best)
+    best = max(best, stage_best)
     logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
+  if cache is not None:
+    history['cache_seconds'] = cache['seconds']
 
   # Final figures of the restored model on the eval split (Keras, float).
   _compile(full, 1e-4, smoothing)
