@@ -27,6 +27,11 @@ class HttpConfig:
   read_timeout_s: float = 20.0
   retries: int = 3
   backoff_factor: float = 0.2
+  max_bytes: int = 64 << 20                 # larger bodies are dead letters (too_large)
+  # Job-wide request budget for the photo host, split evenly over `workers` (the most
+  # fetching workers that run at once, e.g. Dataflow max_num_workers); None = no limit.
+  max_requests_per_s: Optional[float] = None
+  workers: int = 1
 
 
 @dataclasses.dataclass
@@ -44,6 +49,7 @@ class IngestConfig:
   splits: Dict[str, int] = dataclasses.field(
       default_factory=lambda: {'train': 80, 'eval': 20})
   max_dead_letter_share: float = 0.10
+  span: Optional[int] = None  # csv with {SPAN}: read this span (default: the latest)
 
 
 @dataclasses.dataclass

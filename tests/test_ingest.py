@@ -169,3 +169,110 @@ def test_full_dataset_reconciles_with_manifest(tmp_path, postgres):
   assert summary['rows'] == len(labels) == manifest['counts']['ad_images_rows']
   assert sum(summary['examples'].values()) == n_examples
   assert summary['dead_letters'] == reasons
+
+
+def test_too_large_by_pixels_and_by_bytes(tmp_path, image_host):
+  # A real 8000x6000 JPEG (48 Mpx, over the 40 Mpx default): refused from its header.
+  buf = io.BytesIO()
+  Image.new('RGB', (8000, 6000), (90, 90, 90)).save(buf, 'JPEG', quality=50)
+  big = buf.getvalue()
+  image_host.faults[GOOD[0]] = lambda k: (200, big)
+  summary, dead, _ = run_ingest(tmp_path / 'a', csv=_csv(tmp_path, [GOOD[0], GOOD[1]]),
+                                image_url_template=image_host.url_template,
+                                max_dead_letter_share=1.0)
+  assert summary['dead_letters'] == {records.TOO_LARGE: 1}
+  assert '8000x6000' in dead[0]['detail']
+  # A body over http.max_bytes is cut off while streaming.
+  summary, dead, _ = run_ingest(tmp_path / 'b', csv=_csv(tmp_path, [GOOD[1]]),
+                                image_url_template=image_host.url_template,
+                                max_dead_letter_share=1.0, http={'max_bytes': 1000})
+  assert summary['dead_letters'] == {records.TOO_LARGE: 1}
+  assert 'bytes' in dead[0]['detail']
+
+
+def test_local_paths_through_beam_filesystems(tmp_path):
+  """The same code path serves gs:// templates (Beam FileSystems); here a local directory."""
+  template = os.path.join(TINY, 'images', '{p_hash}.jpg')
+  missing = 'f' * 16
+  summary, dead, examples = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, [GOOD[0], missing]),
+                                       image_url_template=template, max_dead_letter_share=1.0)
+  assert sum(len(e) for e in examples.values()) == 1
+  assert summary['dead_letters'] == {records.MISSING_FILE: 1}
+  assert dead[0]['p_hash'] == missing
+
+
+def _edit_db(postgres, name, sql_statements):
+  import psycopg2
+  dsn = postgres.create_db(name, os.path.join(TINY, 'seez.sql'))
+  with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+    for stmt, params in sql_statements:
+      cur.execute(stmt, params)
+  return dsn
+
+
+def _pick_ads(tiny_labels, tiny_manifest, n):
+  """Clean ads (every photo a decodable car photo) from the sample's ground truth."""
+  noise = tiny_manifest['noise_ids']
+  bad = set(noise['b_missing_file_rows']) | set(noise['c_corrupt_files'])
+  bad_ads = {int(a) for a in noise['d_unlinked_model_submodel_ads'] + noise['d_null_submodel_ads']}
+  by_ad = {}
+  for r in tiny_labels:
+    by_ad.setdefault(int(r['ad_id']), []).append(r)
+  clean = [a for a, rows in sorted(by_ad.items()) if a not in bad_ads and
+           all(r['is_car'] == 'true' and r['p_hash'] not in bad for r in rows)]
+  return [(a, [r['p_hash'] for r in by_ad[a]]) for a in clean[:n]]
+
+
+def test_null_submodel_pair_not_in_catalog_and_non_car_rows(tmp_path, postgres, image_host,
+                                                           tiny_labels, tiny_manifest):
+  """Each database defect on its own: only three ads left, one defect each."""
+  (a1, p1), (a2, p2), (a3, p3) = _pick_ads(tiny_labels, tiny_manifest, 3)
+  keep = [a1, a2, a3]
+  dsn = _edit_db(postgres, 'defects', [
+      ('DELETE FROM app.ad_images WHERE NOT (ad_id = ANY(%s))', (keep,)),
+      ('DELETE FROM app.ads WHERE NOT (id = ANY(%s))', (keep,)),
+      ('UPDATE app.ads SET submodel_id = NULL WHERE id = %s', (a1,)),
+      # a submodel that exists but is not paired with this ad's model
+      ('UPDATE app.ads a SET submodel_id = (SELECT s.id FROM static.submodels s WHERE NOT EXISTS '
+       '(SELECT 1 FROM static.models_submodels ms WHERE ms.model_id = a.model_id AND '
+       'ms.submodel_id = s.id) ORDER BY s.id LIMIT 1) WHERE a.id = %s', (a2,)),
+      ("UPDATE app.ad_images SET yolo_classification = "
+       "'[{\"class_name\": \"person\", \"confidence\": 0.9, \"bbox\": [0, 0, 10, 10]}]'::jsonb "
+       "WHERE ad_id = %s AND p_hash = %s", (a3, p3[0])),
+  ])
+  summary, dead, examples = run_ingest(tmp_path, dsn=dsn, image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  assert summary['rows'] == len(p1) + len(p2) + len(p3)
+  assert summary['dead_letters'] == {records.MISSING_LABEL: len(p1),
+                                     records.PAIR_NOT_IN_CATALOG: len(p2), records.NON_CAR: 1}
+  assert sum(len(e) for e in examples.values()) == len(p3) - 1
+  by_reason = {d['reason']: d for d in dead}
+  assert 'NULL' in by_reason[records.MISSING_LABEL]['detail']
+  assert by_reason[records.NON_CAR]['p_hash'] == p3[0]
+  assert 'person' in by_reason[records.NON_CAR]['detail']
+
+
+def test_csv_spans_latest_and_pinned(tmp_path, image_host):
+  """exports/{SPAN}/cars.csv: a monthly export is a new span; the latest is read by default."""
+  for span, hashes in ((1, GOOD[:1]), (2, GOOD[1:4])):
+    d = tmp_path / 'exports' / str(span)
+    d.mkdir(parents=True)
+    (d / 'cars.csv').write_text(open(_csv(tmp_path, hashes)).read())
+  pattern = str(tmp_path / 'exports' / '{SPAN}' / 'cars.csv')
+  resolved = beam_ingest.resolve_csv(pattern)
+  assert resolved['span'] == 2 and resolved['pattern'].endswith('/2/cars.csv')
+  latest, _, _ = run_ingest(tmp_path / 'latest', csv=pattern,
+                            image_url_template=image_host.url_template)
+  pinned, _, _ = run_ingest(tmp_path / 'pinned', csv=pattern, span=1,
+                            image_url_template=image_host.url_template)
+  assert latest['rows'] == 3 and pinned['rows'] == 1
+
+
+def test_rate_limiter_spaces_requests():
+  import time
+  from components.example_gen import fetch
+  limiter = fetch.RateLimiter(50.0)
+  t = time.monotonic()
+  for _ in range(11):
+    limiter.wait()
+  assert time.monotonic() - t >= 10 / 50.0 - 1e-3  # never faster than the budget

@@ -65,7 +65,10 @@ class _FetchAndValidate(beam.DoFn):
     self.fetcher = fetch.Fetcher(
         self.ingest['image_url_template'], concurrency=http['concurrency'],
         connect_timeout_s=http['connect_timeout_s'], read_timeout_s=http['read_timeout_s'],
-        retries=http['retries'], backoff_factor=http['backoff_factor'])
+        retries=http['retries'], backoff_factor=http['backoff_factor'],
+        max_bytes=int(http.get('max_bytes') or (64 << 20)),
+        max_requests_per_s=(float(http['max_requests_per_s']) / max(1, int(http.get('workers') or 1))
+                            if http.get('max_requests_per_s') else None))
 
   def teardown(self):
     if self.fetcher is not None:
@@ -89,6 +92,30 @@ def _count_dead(letter: records.DeadLetter) -> records.DeadLetter:
   return letter
 
 
+def resolve_csv(pattern: str, span: Any = None) -> Dict[str, Any]:
+  """Resolves TFX span/version specs in a cars.csv pattern (monthly export = new span).
+
+  `exports/{SPAN}/cars-v{VERSION}.csv` -> the latest span (or `span` when given) and its
+  latest version, as TFX's file-based ExampleGen does ({YYYY}/{MM}/{DD} work too).
+  Returns {'pattern', 'span', 'version', 'fingerprint'}; span 0 when there is no spec.
+  """
+  from tfx.components.example_gen import utils  # pylint: disable=g-import-not-at-top
+  from tfx.proto import example_gen_pb2, range_config_pb2  # pylint: disable=g-import-not-at-top
+  cut = min([i for i in (pattern.find('{'), pattern.find('*'), pattern.find('?'),
+                         pattern.find('[')) if i >= 0] or [len(pattern)])
+  base = pattern[:cut].rsplit('/', 1)[0] if '/' in pattern[:cut] else '.'
+  rel = pattern[len(base) + 1:] if base != '.' else pattern
+  split = example_gen_pb2.Input.Split(name='csv', pattern=rel)
+  rc = None
+  if span is not None:
+    rc = range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
+        start_span_number=int(span), end_span_number=int(span)))
+  fingerprint, sel_span, sel_version = utils.calculate_splits_fingerprint_span_and_version(
+      base, [split], rc)
+  return {'pattern': os.path.join(base, split.pattern) if base != '.' else split.pattern,
+          'span': int(sel_span), 'version': sel_version, 'fingerprint': fingerprint}
+
+
 def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> beam.PCollection:
   """Rows from Postgres (parallel ad_id ranges) or from cars.csv exports."""
   if bool(ingest.get('dsn')) == bool(ingest.get('csv')):
@@ -102,8 +129,11 @@ def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> beam.PCollection:
             | 'ShareRanges' >> beam.Reshuffle()
             | 'ReadPostgres' >> beam.FlatMap(
                 lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf)))
+  pattern = ingest['csv']
+  if '{' in pattern:
+    pattern = resolve_csv(pattern, ingest.get('span'))['pattern']
   return (p
-          | 'ReadCsv' >> beam.io.ReadFromText(ingest['csv'], skip_header_lines=1)
+          | 'ReadCsv' >> beam.io.ReadFromText(pattern, skip_header_lines=1)
           | 'DropBlank' >> beam.Filter(lambda line: line.strip() != '')
           | 'ParseCsv' >> beam.FlatMap(records.rows_from_csv_line))
 

@@ -18,6 +18,16 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     ingest = json.loads(exec_properties['ingest_config'])
     examples = artifact_utils.get_single_instance(output_dict['examples'])
     dead = artifact_utils.get_single_instance(output_dict['dead_letters'])
+    if ingest.get('csv') and '{' in ingest['csv']:
+      # Span/version specs: read the latest (or configured) span, record it like TFX does.
+      resolved = beam_ingest.resolve_csv(ingest['csv'], ingest.get('span'))
+      ingest = dict(ingest, csv=resolved['pattern'])
+      examples.span = resolved['span']
+      if resolved['version'] is not None:
+        examples.version = resolved['version']
+      examples.set_string_custom_property('input_fingerprint', resolved['fingerprint'])
+      logging.info('cars.csv span %s version %s: %s', resolved['span'], resolved['version'],
+                   resolved['pattern'])
     with self._make_beam_pipeline() as p:
       beam_ingest.build(p, ingest, examples.uri, dead.uri)
     summary = beam_ingest.read_summary(dead.uri)

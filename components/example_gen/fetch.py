@@ -8,6 +8,8 @@ through Beam's FileSystems.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 from typing import List, Optional, Sequence, Tuple
 
 from components.example_gen import records
@@ -16,12 +18,34 @@ from components.example_gen import records
 FetchResult = Tuple[Optional[bytes], Optional[str], str]
 
 
+class RateLimiter:
+  """Spaces calls `1 / rate` seconds apart across this worker's threads (rate None: no limit).
+
+  A job-wide limit is split over workers: each fetching worker gets `global / workers`.
+  """
+
+  def __init__(self, rate: Optional[float]):
+    self.interval = 1.0 / float(rate) if rate else 0.0
+    self._next = time.monotonic()
+    self._lock = threading.Lock()
+
+  def wait(self) -> None:
+    if not self.interval:
+      return
+    with self._lock:
+      now = time.monotonic()
+      slot = max(self._next, now)
+      self._next = slot + self.interval
+    if slot > now:
+      time.sleep(slot - now)
+
+
 class Fetcher:
   """Fetches `<template with {p_hash}>` for many rows at once, bounded by `concurrency`."""
 
   def __init__(self, url_template: str, concurrency: int = 32, connect_timeout_s: float = 5.0,
                read_timeout_s: float = 20.0, retries: int = 3, backoff_factor: float = 0.2,
-               max_bytes: int = 64 << 20):
+               max_bytes: int = 64 << 20, max_requests_per_s: Optional[float] = None):
     if '{p_hash}' not in url_template:
       raise ValueError(f'image_url_template must contain {{p_hash}}: {url_template!r}')
     self.template = url_template
@@ -29,6 +53,7 @@ class Fetcher:
     self.concurrency = max(1, int(concurrency))
     self.timeout = (connect_timeout_s, read_timeout_s)
     self.max_bytes = max_bytes
+    self.limiter = RateLimiter(max_requests_per_s)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
     self.session = None
     if self.is_http:
@@ -62,6 +87,7 @@ class Fetcher:
   def _fetch_http(self, p_hash: str) -> FetchResult:
     import requests  # pylint: disable=g-import-not-at-top
     url = self.location(p_hash)
+    self.limiter.wait()
     try:
       with self.session.get(url, timeout=self.timeout, stream=True) as resp:
         if resp.status_code == 404:
