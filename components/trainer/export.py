@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Dict, List
 
 import numpy as np
@@ -79,6 +80,17 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   rep = representative_pixels(fn_args.train_files, tft_out.transformed_feature_spec(), size,
                               int(cfg['model']['tflite_representative_samples']))
   tflite_int8, tflite_fp16 = to_tflite(full, size, rep)
+  from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
+  version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+  described = {}
+  for kind, blob in (('int8', tflite_int8), ('fp16', tflite_fp16)):
+    described[kind] = tflite_metadata.embed(
+        blob, class_labels, name=f"carvision {cfg['model']['backbone']} ({kind})",
+        description=('Car make|model|submodel from one photo. Input: the whole RGB photo '
+                     f'bilinear-resized to {size}x{size}, uint8 0-255. Output: probabilities '
+                     'in labels.txt order.'),
+        version=version, license_text=cfg.get('license', ''))
+  tflite_int8, tflite_fp16 = described['int8'], described['fp16']
   with tf.io.gfile.GFile(os.path.join(tdir, 'model.tflite'), 'wb') as f:
     f.write(tflite_int8)
   with tf.io.gfile.GFile(os.path.join(tdir, 'model_fp16.tflite'), 'wb') as f:

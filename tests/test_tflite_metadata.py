@@ -1,0 +1,40 @@
+"""TFLite metadata written without tflite-support reads back, and the model still runs."""
+import numpy as np
+import tensorflow as tf
+
+from components.trainer import tflite_metadata
+
+
+def _tiny_tflite(n_out=3, size=8):
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
+  def f(pixels):
+    x = tf.reduce_mean(tf.cast(pixels, tf.float32), axis=[1, 2])
+    return tf.nn.softmax(tf.matmul(x, tf.ones([3, n_out])) / 100.0)
+  return tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()]).convert()
+
+
+def test_labels_round_trip_and_model_still_runs(tmp_path):
+  from ai_edge_litert.interpreter import Interpreter
+  labels = ['BMW|X6|SUV 2012', 'Audi|R8|Coupe 2012', 'Jeep|Wrangler|SUV 2012']
+  raw = _tiny_tflite(len(labels))
+  out = tflite_metadata.embed(raw, labels, name='t', description='d', version='v1')
+  md = tflite_metadata.read(out)
+  assert md['labels'] == labels
+  assert md['output_files'] == ['labels.txt']
+  assert (md['name'], md['version'], md['input'], md['output']) == ('t', 'v1', 'image', 'probability')
+  interp = Interpreter(model_content=out)
+  interp.allocate_tensors()
+  inp = interp.get_input_details()[0]
+  interp.set_tensor(inp['index'], np.full(inp['shape'], 7, np.uint8))
+  interp.invoke()
+  assert interp.get_tensor(interp.get_output_details()[0]['index']).shape == (1, len(labels))
+  # Writing again replaces, does not stack, the metadata.
+  again = tflite_metadata.read(tflite_metadata.embed(raw, labels[::-1], name='t', description='d',
+                                                     version='v2'))
+  assert again['labels'] == labels[::-1] and again['version'] == 'v2'
+
+
+def test_label_count_must_match_output():
+  import pytest
+  with pytest.raises(ValueError, match='labels'):
+    tflite_metadata.embed(_tiny_tflite(3), ['a', 'b'], name='t', description='d', version='v')
