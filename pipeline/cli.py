@@ -30,7 +30,7 @@ def cmd_demo(args) -> int:
     cfg.ingest.image_url_template = svc['image_url_template']
     print(f"[demo] database: {svc['dsn'].split(' password')[0]}", flush=True)
     print(f"[demo] photo host: {svc['image_url_template']}", flush=True)
-    run.run_direct(cfg)
+    run.run_direct(cfg, run.card_extras(args.data))
   summary = run.summarize(cfg)
   print(run.format_summary(summary))
   if args.summary_json:
@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
     with services.local_services(args.data, dsn=os.environ.get('CARVISION_DSN')) as svc:
       cfg.ingest.dsn, cfg.ingest.csv = svc['dsn'], None
       cfg.ingest.image_url_template = svc['image_url_template']
-      run.run_direct(cfg)
+      run.run_direct(cfg, run.card_extras(args.data))
   else:
     run.run_direct(cfg)
   summary = run.summarize(cfg)
@@ -109,6 +109,95 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_predict(args) -> int:
+  """Top-k make/model/submodel for photos (or one ad's photos together) from a pushed model."""
+  from components import serving  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  model = serving.load(args.model, args.kind)
+  jpegs = []
+  for path in args.images:
+    with open(path, 'rb') as f:
+      jpegs.append(f.read())
+  probs = model.predict_jpegs(jpegs)
+  items = [('ad', probs.mean(axis=0))] if args.ad else list(zip(args.images, probs))
+  out = []
+  for name, p in items:
+    top = np.argsort(-p)[:args.top_k]
+    preds = []
+    for i in top:
+      make, mdl, sub = (model.labels[i].split('|') + ['', '', ''])[:3]
+      preds.append({'label': model.labels[i], 'make': make, 'model': mdl, 'submodel': sub,
+                    'probability': round(float(p[i]), 6)})
+    out.append({'input': name if not args.ad else list(args.images), 'top_k': preds})
+  if args.json:
+    print(json.dumps(out if len(out) > 1 or not args.ad else out[0]))
+  else:
+    for item in out:
+      print(item['input'] if not args.ad else f'ad ({len(args.images)} photos)')
+      for r, pr in enumerate(item['top_k'], 1):
+        print(f"  {r}. {pr['probability']:.4f}  {pr['make']} | {pr['model']} | {pr['submodel']}")
+  return 0
+
+
+def cmd_evaluate(args) -> int:
+  """top-1/top-5 per photo and per ad on a data set in the labels.csv + images/ format."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from components import serving  # pylint: disable=g-import-not-at-top
+  from components.example_gen import records  # pylint: disable=g-import-not-at-top
+  model = serving.load(args.model, args.kind)
+  with open(os.path.join(args.data, 'labels.csv')) as f:
+    rows = list(csv.DictReader(f))
+  usable, skipped = [], {}
+  for r in rows:
+    path = os.path.join(args.data, 'images', r['p_hash'] + '.jpg')
+    reason = None
+    if r.get('is_car', 'true') != 'true':
+      reason = 'non_car'
+    elif not os.path.exists(path):
+      reason = 'missing_file'
+    else:
+      with open(path, 'rb') as f:
+        data = f.read()
+      reason = records.validate_image(data, 40_000_000)[0]
+    if reason:
+      skipped[reason] = skipped.get(reason, 0) + 1
+    else:
+      usable.append((r, path))
+  if args.split != 'all':
+    # The pipeline's split of this data set (hash of ad_id, ratios from --config).
+    splits = _config(args).ingest.splits
+    usable = [(r, p) for r, p in usable if records.split_for(int(r['ad_id']), splits) == args.split]
+  if args.limit:
+    usable = usable[:args.limit]
+  probs = []
+  for i in tqdm(range(0, len(usable), 16), desc='evaluate', unit='batch', disable=args.json):
+    batch = []
+    for r, path in usable[i:i + 16]:
+      with open(path, 'rb') as f:
+        batch.append(f.read())
+    probs.append(model.predict_jpegs(batch))
+  probs = np.concatenate(probs) if probs else np.zeros((0, len(model.labels)))
+  truth = [r['class'] if 'class' in r else records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
+           for r, _ in usable]
+  metrics = serving.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable])
+  metrics['skipped'] = skipped
+  metrics['model'] = getattr(model, 'path', args.model)
+  checks = serving.verdicts(metrics, {'top1_accuracy': args.top1_min, 'top5_accuracy': args.top5_min})
+  if args.report:
+    serving.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
+                         metrics, checks)
+  if not args.json:
+    print(f"photos {metrics['examples']} (skipped {skipped}): top-1 {metrics['top1_accuracy']:.4f} "
+          f"top-5 {metrics['top5_accuracy']:.4f} make {metrics['make_accuracy']:.4f}")
+    ad = metrics['per_ad']
+    print(f"ads {ad['examples']}: top-1 {ad['top1_accuracy']:.4f} top-5 {ad['top5_accuracy']:.4f}")
+  print(json.dumps({k: metrics[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
+                                             'make_accuracy', 'per_ad', 'skipped')}))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='carvision', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -148,6 +237,29 @@ def main(argv=None) -> int:
   p.add_argument('--dsn')
   p.add_argument('--out', required=True)
   p.set_defaults(fn=cmd_export)
+
+  p = sub.add_parser('predict', help='top-k make/model/submodel for photos')
+  p.add_argument('--model', required=True, help='a pushed version dir, a .tflite, or a SavedModel')
+  p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
+  p.add_argument('images', nargs='+')
+  p.add_argument('--top-k', type=int, default=5)
+  p.add_argument('--ad', action='store_true', help='the photos are one ad: one aggregated answer')
+  p.add_argument('--json', action='store_true')
+  p.set_defaults(fn=cmd_predict)
+
+  p = sub.add_parser('evaluate', help='top-1/top-5 of a model on a labels.csv + images/ data set')
+  common(p)
+  p.add_argument('--model', required=True)
+  p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
+  p.add_argument('--data', required=True, help='a directory with labels.csv and images/')
+  p.add_argument('--report', help='write report.html + report.png into this directory')
+  p.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
+                 help="only the ads the pipeline's split puts here (use eval on a training data set)")
+  p.add_argument('--limit', type=int, help='first N usable photos only')
+  p.add_argument('--top1-min', type=float, default=0.80)
+  p.add_argument('--top5-min', type=float, default=0.95)
+  p.add_argument('--json', action='store_true', help='no progress bar; JSON only')
+  p.set_defaults(fn=cmd_evaluate)
 
   args = parser.parse_args(argv)
   tempfile.tempdir = os.environ.get('TMPDIR') or None

@@ -83,7 +83,9 @@ class EvaluateConfig:
   top1_min: float = 0.80
   top5_min: float = 0.95
   max_regression: float = 0.01
+  max_int8_drop: float = 0.01   # int8 TFLite top-1 may trail the float model by at most this
   slice_by: List[str] = dataclasses.field(default_factory=list)
+  tfma: bool = True             # also gate the float SavedModel with TFMA's Evaluator
 
 
 @dataclasses.dataclass
@@ -98,6 +100,7 @@ class PipelineSection:
 @dataclasses.dataclass
 class PushConfig:
   dir: str = 'runs/carvision/serving'
+  license: str = ''             # written into the model card and the TFLite metadata
 
 
 @dataclasses.dataclass

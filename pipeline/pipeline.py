@@ -4,12 +4,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Dict, Optional
 
 from tfx import v1 as tfx  # import tfx before tensorflow_model_analysis (EvalConfig appears then)
 import tensorflow_model_analysis as tfma
 
 from components import features as F
 from components.example_gen.component import CarAdsExampleGen
+from components.pusher.component import VersionedPusher
+from components.tflite_evaluator.component import TFLiteEvaluator
 from pipeline.config import CONFIG_DIR, Config
 
 SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
@@ -53,7 +56,8 @@ def eval_config(cfg: Config) -> tfma.EvalConfig:
       metrics_specs=[tfma.MetricsSpec(metrics=metrics)])
 
 
-def create_pipeline(cfg: Config) -> tfx.dsl.Pipeline:
+def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipeline:
+  """The pipeline in data order. `card`: extra model-card fields (command, data, code version)."""
   ingest = dataclasses.asdict(cfg.ingest)
   if ingest['csv']:
     ingest['csv'] = cfg.path(ingest['csv'])
@@ -77,35 +81,55 @@ def create_pipeline(cfg: Config) -> tfx.dsl.Pipeline:
       train_args=tfx.proto.TrainArgs(splits=['train']),
       eval_args=tfx.proto.EvalArgs(splits=['eval']),
       # Only the model section: a gate or push change must not invalidate a cached Trainer.
-      custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model)},
-                                          sort_keys=True)})
+      custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
+                                           'license': cfg.push.license}, sort_keys=True)})
 
+  # Baseline = the latest model the int8 gate blessed (not merely the float gate).
   model_resolver = tfx.dsl.Resolver(
       strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
       model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-      model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+      model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                     producer_component_id='TFLiteEvaluator',
+                                     output_key='blessing'),
   ).with_id('latest_blessed_model_resolver')
 
-  evaluator = tfx.components.Evaluator(
-      examples=example_gen.outputs['examples'],
-      model=trainer.outputs['model'],
+  ev = cfg.evaluate
+  # The deploy gate on what ships: the int8 TFLite on the eval split (+ parity with float).
+  tflite_evaluator = TFLiteEvaluator(
+      examples=example_gen.outputs['examples'], model=trainer.outputs['model'],
       baseline_model=model_resolver.outputs['model'],
-      eval_config=eval_config(cfg),
-      example_splits=['eval'])
+      gate_config=json.dumps({'top1_min': ev.top1_min, 'top5_min': ev.top5_min,
+                              'max_regression': ev.max_regression,
+                              'max_int8_drop': ev.max_int8_drop}, sort_keys=True))
 
-  pusher = tfx.components.Pusher(
+  evaluator = None
+  if ev.tfma:
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs['examples'],
+        model=trainer.outputs['model'],
+        baseline_model=model_resolver.outputs['model'],
+        eval_config=eval_config(cfg),
+        example_splits=['eval'])
+
+  pusher = VersionedPusher(
       model=trainer.outputs['model'],
-      model_blessing=evaluator.outputs['blessing'],
-      push_destination=tfx.proto.PushDestination(
-          filesystem=tfx.proto.PushDestination.Filesystem(
-              base_directory=cfg.path(cfg.push.dir))))
+      tflite_blessing=tflite_evaluator.outputs['blessing'],
+      tflite_evaluation=tflite_evaluator.outputs['evaluation'],
+      model_blessing=evaluator.outputs['blessing'] if evaluator else None,
+      examples=example_gen.outputs['examples'],
+      dead_letters=example_gen.outputs['dead_letters'],
+      push_dir=cfg.path(cfg.push.dir),
+      model_card=json.dumps({**(card or {}), 'name': cfg.pipeline.name,
+                             'config': dataclasses.asdict(cfg), 'license': cfg.push.license},
+                            sort_keys=True))
 
   root = cfg.path(cfg.pipeline.root)
   return tfx.dsl.Pipeline(
       pipeline_name=cfg.pipeline.name,
       pipeline_root=root,
       components=[example_gen, statistics_gen, schema_gen, example_validator, transform,
-                  trainer, model_resolver, evaluator, pusher],
+                  trainer, model_resolver, tflite_evaluator]
+                 + ([evaluator] if evaluator else []) + [pusher],
       enable_cache=cfg.pipeline.enable_cache,
       metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
           cfg.path(cfg.pipeline.metadata)),

@@ -8,16 +8,44 @@ from typing import Any, Dict, Optional
 from pipeline.config import Config
 
 
-def run_direct(cfg: Config) -> None:
+def card_extras(data_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Model-card fields known only to the launcher: command, code version, data manifest."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pipeline.config import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  try:
+    code = subprocess.run(['git', '-C', REPO_ROOT, 'describe', '--always', '--dirty'],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    try:
+      code = 'carvision ' + metadata.version('carvision')
+    except metadata.PackageNotFoundError:
+      code = 'unknown'
+  out: Dict[str, Any] = {'command': 'carvision ' + ' '.join(sys.argv[1:]), 'code_version': code}
+  manifest = os.path.join(data_dir, 'manifest.json') if data_dir else None
+  if manifest and os.path.exists(manifest):
+    with open(manifest) as f:
+      m = json.load(f)
+    out['data'] = {'manifest': {'name': m.get('name'), 'path': os.path.abspath(manifest),
+                                'images_sha256': m.get('images', {}).get(
+                                    'sha256_of_sorted_phash_filesha_list'),
+                                'counts': m.get('counts')}}
+  return out
+
+
+def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None) -> None:
   """BeamDagRunner; the Beam components use the DirectRunner with cfg.pipeline.beam_args."""
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
-  BeamDagRunner().run(create_pipeline(cfg))
+  BeamDagRunner().run(create_pipeline(cfg, card if card is not None else card_extras()))
 
 
-def _latest(store, type_name: str, pipeline_name: str):
+def _latest(store, type_name: str, pipeline_name: str, producer: Optional[str] = None):
   arts = store.get_artifacts_by_type(type_name)
+  if producer:  # artifact URIs are <root>/<component id>/<output key>/<execution id>
+    arts = [a for a in arts if f'/{producer}/' in a.uri]
   ctx = store.get_context_by_type_and_name('pipeline', pipeline_name)
   if ctx is not None:
     ids = {a.id for a in store.get_artifacts_by_context(ctx.id)}
@@ -48,27 +76,46 @@ def summarize(cfg: Config) -> Dict[str, Any]:
   name = cfg.pipeline.name
   dead = _latest(store, 'carvision.DeadLetters', name)
   ingest = json.loads(_prop(dead, 'summary', '{}') or '{}')
-  evaluation = _latest(store, 'ModelEvaluation', name)
-  blessing = _latest(store, 'ModelBlessing', name)
+  tfma_eval = _latest(store, 'ModelEvaluation', name, 'Evaluator')
+  tfma_blessing = _latest(store, 'ModelBlessing', name, 'Evaluator')
+  lite_eval = _latest(store, 'ModelEvaluation', name, 'TFLiteEvaluator')
+  lite_blessing = _latest(store, 'ModelBlessing', name, 'TFLiteEvaluator')
   pushed = _latest(store, 'PushedModel', name)
-  metrics = read_metrics(evaluation.uri) if evaluation is not None else {}
-  failed = read_failures(evaluation.uri) if evaluation is not None else {}
+  judged = {}
+  if lite_eval is not None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    path = os.path.join(lite_eval.uri, 'metrics.json')
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        judged = json.load(f)
+  metrics = read_metrics(tfma_eval.uri) if tfma_eval is not None and cfg.evaluate.tfma else {}
+  failed = read_failures(tfma_eval.uri) if tfma_eval is not None and cfg.evaluate.tfma else {}
   thresholds = {'top1_accuracy': cfg.evaluate.top1_min, 'top5_accuracy': cfg.evaluate.top5_min}
+  blessed = bool(_prop(lite_blessing, 'blessed', 0))
+  if cfg.evaluate.tfma:
+    blessed = blessed and bool(_prop(tfma_blessing, 'blessed', 0))
+  m = judged.get('metrics', {})
   return {
       'config': cfg.source_file,
       'rows': ingest.get('rows'),
       'examples': ingest.get('examples'),
       'dead_letters': ingest.get('dead_letters'),
       'dead_letters_uri': dead.uri if dead is not None else None,
-      # Pass/fail is TFMA's verdict (the one that blesses), not recomputed here.
+      # The shipped artifact's gate (int8 TFLite, parity, regression): the one that blesses.
+      'int8_gate': judged.get('checks', {}),
+      'int8_metrics': {k: m.get(k) for k in ('examples', 'top1_accuracy', 'top5_accuracy',
+                                            'make_accuracy', 'per_ad', 'float')},
+      'report': os.path.join(lite_eval.uri, 'report.html') if judged else None,
+      # TFMA's verdict on the float SavedModel (pass/fail as TFMA decided it).
       'metrics': {k: {'value': metrics.get(k), 'threshold': v,
                       'pass': metrics.get(k) is not None and k not in failed,
                       'failure': failed.get(k)}
-                  for k, v in thresholds.items()},
-      'eval_examples': metrics.get('example_count'),
-      'blessed': bool(_prop(blessing, 'blessed', 0)),
+                  for k, v in thresholds.items()} if cfg.evaluate.tfma else {},
+      'eval_examples': metrics.get('example_count', m.get('examples')),
+      'blessed': blessed,
       'pushed': bool(_prop(pushed, 'pushed', 0)),
       'pushed_to': _prop(pushed, 'pushed_destination') if _prop(pushed, 'pushed', 0) else None,
+      'not_pushed_reason': _prop(pushed, 'not_pushed_reason'),
   }
 
 
@@ -115,12 +162,34 @@ def format_summary(s: Dict[str, Any]) -> str:
   if s.get('dead_letters_uri'):
     lines.append(f"  dead-letter records: {s['dead_letters_uri']}/dead_letters/")
   n_eval = s.get('eval_examples')
-  lines.append(f"evaluation on the eval split ({'n/a' if n_eval is None else int(n_eval)} photos):")
-  for name, m in s['metrics'].items():
+  lines.append(f"evaluation on the eval split ({'n/a' if n_eval is None else int(n_eval)} photos, "
+               "held-out ads):")
+  if s.get('int8_gate'):
+    lines.append('  int8 TFLite (the shipped file):')
+    for name, c in s['int8_gate'].items():
+      val = 'n/a' if c.get('value') is None else f"{c['value']:.6f}"
+      op = '<=' if name == 'int8_vs_float_top1_drop' else '>='
+      lines.append(f"    {name:<26} {val:>9}  threshold {op} {c['threshold']:.2f}  "
+                   f"{'PASS' if c['pass'] else 'FAIL'}" + (f"  ({c['detail']})" if c.get('detail') else ''))
+    im = s.get('int8_metrics') or {}
+    if im.get('make_accuracy') is not None:
+      ad = im.get('per_ad') or {}
+      lines.append(f"    make-level top-1 {im['make_accuracy']:.4f}; per ad (photos averaged): "
+                   f"top-1 {ad.get('top1_accuracy', float('nan')):.4f} top-5 "
+                   f"{ad.get('top5_accuracy', float('nan')):.4f} over {ad.get('examples')} ads")
+    if s.get('report'):
+      lines.append(f"    report: {s['report']}")
+  if s.get('metrics'):
+    lines.append('  float SavedModel (TFMA Evaluator):')
+  for name, m in (s.get('metrics') or {}).items():
     val = 'n/a' if m['value'] is None else f"{m['value']:.6f}"
-    lines.append(f"  {name:<14} {val:>7}  threshold >= {m['threshold']:.2f}  "
+    lines.append(f"    {name:<26} {val:>9}  threshold >= {m['threshold']:.2f}  "
                  f"{'PASS' if m['pass'] else 'FAIL'}")
   lines.append('verdict: ' + ('BLESSED' if s['blessed'] else 'NOT BLESSED'))
-  lines.append('pushed model: ' + (s['pushed_to'] or 'nothing pushed'))
+  lines.append('pushed model: ' + (s['pushed_to'] or 'nothing pushed' + (
+      f" ({s['not_pushed_reason']} did not bless)" if s.get('not_pushed_reason') else '')))
+  if s.get('pushed_to'):
+    lines.append('  files: model.tflite (int8, metadata + labels), model_fp16.tflite, labels.txt, '
+                 'model_card.json, report.html, saved_model/')
   lines.append('=' * 66)
   return '\n'.join(lines)

@@ -102,31 +102,134 @@ def test_evaluation_and_blessing_agree_with_push(first_run):
   assert summary['eval_examples'] == summary['examples']['eval']
   for m in summary['metrics'].values():
     assert 0.0 <= m['value'] <= 1.0
-  gates_pass = all(m['pass'] for m in summary['metrics'].values())
-  assert summary['blessed'] == gates_pass
-  pushed = glob.glob(os.path.join(cfg.path(cfg.push.dir), '*', 'saved_model.pb'))
+  gate = summary['int8_gate']
+  assert set(gate) == {'top1_accuracy', 'top5_accuracy', 'int8_vs_float_top1_drop'}
+  assert summary['int8_metrics']['examples'] == summary['examples']['eval']
+  # the int8 gate reads the same floors as TFMA; blessed only if both gates pass
+  assert gate['top1_accuracy']['threshold'] == summary['metrics']['top1_accuracy']['threshold']
+  passes = all(c['pass'] for c in gate.values()) and all(
+      m['pass'] for m in summary['metrics'].values())
+  assert summary['blessed'] == passes
+  assert os.path.exists(summary['report'])
+  pushed = glob.glob(os.path.join(cfg.path(cfg.push.dir), '*', 'model.tflite'))
   assert bool(pushed) == summary['blessed'] == summary['pushed']
 
 
-def test_reachable_threshold_pushes_and_impossible_threshold_blocks(first_run, tiny_dsn):
-  """Re-runs with the cache on: only the resolver, Evaluator and Pusher run again."""
+def _rerun(first_run, tiny_dsn, push, **over):
   tmp, _, _, host = first_run
-  easy = _config(tmp, host.url_template, tiny_dsn, push='push_easy',
-                 **{'pipeline.enable_cache': True, 'evaluate.top1_min': 0.0,
-                    'evaluate.top5_min': 0.0, 'evaluate.max_regression': 1.0})
-  run.run_direct(easy)
-  s = run.summarize(easy)
-  assert s['blessed'] and s['pushed']
-  version = glob.glob(os.path.join(easy.path(easy.push.dir), '*'))
-  assert len(version) == 1
-  assert os.path.exists(os.path.join(version[0], 'saved_model.pb'))
-  assert os.path.exists(os.path.join(version[0], 'tflite', 'model.tflite'))
+  cfg = _config(tmp, host.url_template, tiny_dsn, push=push,
+                **{'pipeline.enable_cache': True, **over})
+  run.run_direct(cfg)
+  return cfg, run.summarize(cfg)
 
-  impossible = _config(tmp, host.url_template, tiny_dsn, push='push_impossible',
-                       **{'pipeline.enable_cache': True, 'evaluate.top1_min': 1.01})
-  run.run_direct(impossible)
-  s = run.summarize(impossible)
+
+EASY = {'evaluate.top1_min': 0.0, 'evaluate.top5_min': 0.0, 'evaluate.max_regression': 1.0,
+        'evaluate.max_int8_drop': 1.0}
+
+
+def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_dsn):
+  """Cache on: only the resolver, the gates and the Pusher run again."""
+  from components.trainer import tflite_metadata
+  cfg, s = _rerun(first_run, tiny_dsn, 'push_easy', **EASY)
+  assert s['blessed'] and s['pushed']
+  push_dir = cfg.path(cfg.push.dir)
+  versions = os.listdir(push_dir)
+  assert len(versions) == 1 and not versions[0].startswith('.partial')  # nothing half-written
+  v = os.path.join(push_dir, versions[0])
+  for name in ('model.tflite', 'model_fp16.tflite', 'labels.txt', 'model_card.json',
+               'report.html', 'report.png', os.path.join('saved_model', 'saved_model.pb')):
+    assert os.path.exists(os.path.join(v, name)), name
+  labels = open(os.path.join(v, 'labels.txt')).read().splitlines()
+  for name in ('model.tflite', 'model_fp16.tflite'):
+    md = tflite_metadata.read(open(os.path.join(v, name), 'rb').read())
+    assert md['labels'] == labels  # the embedded label file round-trips
+  import json
+  card = json.load(open(os.path.join(v, 'model_card.json')))
+  ev = card['metrics']['eval']['int8_tflite']
+  assert ev['examples'] == s['examples']['eval'] and 0 <= ev['top1_accuracy'] <= 1
+  assert card['thresholds']['top1_min'] == 0.0 and card['config']['model']['backbone']
+  assert card['data']['ingestion']['rows'] == s['rows'] and len(card['data']['examples_fingerprint']) == 64
+  assert card['files']['model.tflite']['bytes'] == os.path.getsize(os.path.join(v, 'model.tflite'))
+  assert card['code_version'] and card['timestamps']['pushed']
+
+
+def test_impossible_threshold_blocks_the_push(first_run, tiny_dsn):
+  cfg, s = _rerun(first_run, tiny_dsn, 'push_impossible', **{**EASY, 'evaluate.top1_min': 1.01})
   assert not s['blessed'] and not s['pushed']
+  assert s['int8_gate']['top1_accuracy']['pass'] is False
   assert s['metrics']['top1_accuracy']['pass'] is False
-  push_dir = impossible.path(impossible.push.dir)
+  push_dir = cfg.path(cfg.push.dir)
   assert not os.path.exists(push_dir) or not os.listdir(push_dir)
+
+
+def test_failing_parity_check_blocks_the_push(first_run, tiny_dsn):
+  """Allow less int8-vs-float drop than this model has: the parity check alone blocks it."""
+  _, _, first, _ = first_run
+  drop = first['int8_gate']['int8_vs_float_top1_drop']['value']
+  cfg, s = _rerun(first_run, tiny_dsn, 'push_parity',
+                  **{**EASY, 'evaluate.max_int8_drop': drop - 0.01})
+  assert not s['blessed'] and not s['pushed']
+  failed = [k for k, c in s['int8_gate'].items() if not c['pass']]
+  assert failed == ['int8_vs_float_top1_drop']
+  assert not os.listdir(cfg.path(cfg.push.dir)) if os.path.exists(cfg.path(cfg.push.dir)) else True
+
+
+def test_predict_tflite_and_savedmodel_agree(first_run):
+  from components import serving
+  from tests.conftest import TINY
+  tmp, cfg, _, _ = first_run
+  model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
+  lite = serving.load(model_dir, 'tflite')
+  saved = serving.load(model_dir, 'savedmodel')
+  assert lite.labels == saved.labels
+  photos = sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[:12]
+  jpegs = [open(p, 'rb').read() for p in photos]
+  jpegs = [j for j in jpegs if j[:3] == b'\xff\xd8\xff'][:10]
+  a, b = lite.predict_jpegs(jpegs), saved.predict_jpegs(jpegs)
+  assert np.abs(a - b).max() < 0.15, np.abs(a - b).max()
+  assert (a.argmax(1) == b.argmax(1)).mean() >= 0.8
+
+
+def test_cli_predict_and_evaluate(first_run, capsys):
+  import json
+  from pipeline import cli
+  from tests.conftest import TINY
+  tmp, cfg, _, _ = first_run
+  model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
+  photos = sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[:2]
+  assert cli.main(['predict', '--model', model_dir, '--json', '--top-k', '3', *photos]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(out) == 2 and len(out[0]['top_k']) == 3
+  assert out[0]['top_k'][0]['label'] == '|'.join(
+      (out[0]['top_k'][0]['make'], out[0]['top_k'][0]['model'], out[0]['top_k'][0]['submodel']))
+  assert cli.main(['predict', '--model', model_dir, '--json', '--ad', *photos]) == 0
+  ad = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert abs(sum(p['probability'] for p in ad['top_k']) - 1.0) < 0.05
+  report = tmp / 'report'
+  assert cli.main(['evaluate', '--config', 'demo', '--model', model_dir, '--data', TINY,
+                   '--split', 'eval', '--json', '--report', str(report)]) == 0
+  m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # every decodable car photo of the eval-split ads in labels.csv (ground truth, also for
+  # ads whose database labels are broken), nothing from training ads
+  import csv
+  from components.example_gen import records
+  rows = list(csv.DictReader(open(os.path.join(TINY, 'labels.csv'))))
+  expected = sum(1 for r in rows if r['is_car'] == 'true' and r['file_ok'] == 'true'
+                 and records.split_for(int(r['ad_id']), cfg.ingest.splits) == 'eval')
+  assert m['examples'] == expected
+  assert 0.0 <= m['top1_accuracy'] <= m['top5_accuracy'] <= 1.0
+  assert (report / 'report.html').exists() and (report / 'report.png').exists()
+
+
+# Last: it trains a second model in the same pipeline root.
+def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny_dsn):
+  """After a blessed model exists, a much worse one (1 epoch at a tiny rate) must not ship."""
+  _rerun(first_run, tiny_dsn, 'push_base', **EASY)  # blessed baseline (cached model)
+  worse = [{'name': 'head', 'trainable': 'none', 'epochs': 1, 'learning_rate': 1e-5}]
+  cfg, s = _rerun(first_run, tiny_dsn, 'push_worse',
+                  **{**EASY, 'evaluate.max_regression': 0.01, 'model.stages': worse,
+                     'model.feature_views': 1, 'evaluate.tfma': False})
+  change = s['int8_gate']['top1_change_vs_blessed']
+  assert change['value'] < -0.01 and not change['pass']
+  assert not s['blessed'] and not s['pushed']
+  assert not os.path.exists(cfg.path(cfg.push.dir)) or not os.listdir(cfg.path(cfg.push.dir))

@@ -89,14 +89,15 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
         description=('Car make|model|submodel from one photo. Input: the whole RGB photo '
                      f'bilinear-resized to {size}x{size}, uint8 0-255. Output: probabilities '
                      'in labels.txt order.'),
-        version=version, license_text=cfg.get('license', ''))
+        version=version, license_text=cfg.get('license') or '')
   tflite_int8, tflite_fp16 = described['int8'], described['fp16']
   with tf.io.gfile.GFile(os.path.join(tdir, 'model.tflite'), 'wb') as f:
     f.write(tflite_int8)
   with tf.io.gfile.GFile(os.path.join(tdir, 'model_fp16.tflite'), 'wb') as f:
     f.write(tflite_fp16)
   with tf.io.gfile.GFile(os.path.join(tdir, 'training.json'), 'w') as f:
-    json.dump({'config': cfg, 'history': history, 'labels': len(class_labels)}, f, indent=1)
+    json.dump({'config': cfg, 'history': history, 'labels': len(class_labels),
+               'exported_at': version}, f, indent=1)
 
 
 def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:

@@ -1,0 +1,128 @@
+"""Executor of VersionedPusher: blessed models only, to <push_dir>/<version>/, atomically.
+
+A version directory is assembled under `<push_dir>/.partial-<version>/` and renamed
+into place, so readers never see a half-written version (on object stores, where
+rename is a copy, `model_card.json` is written last and marks a complete version).
+"""
+import datetime
+import hashlib
+import json
+import os
+from typing import Any, Dict, List
+
+import tensorflow as tf
+from absl import logging
+from tfx import types
+from tfx.dsl.components.base import base_executor
+from tfx.types import artifact_utils
+from tfx.utils import io_utils
+
+from components import serving
+
+CARD = 'model_card.json'
+
+
+def _blessed(artifacts: List[types.Artifact]) -> bool:
+  return bool(artifacts) and bool(artifacts[0].get_int_custom_property('blessed'))
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def examples_fingerprint(examples_uri: str) -> str:
+  """sha256 over the sorted (split file name, content sha256) of the ingested examples."""
+  h = hashlib.sha256()
+  for path in sorted(tf.io.gfile.glob(os.path.join(examples_uri, 'Split-*', '*'))):
+    h.update(f'{os.path.relpath(path, examples_uri)}:{_sha256(path)}\n'.encode())
+  return h.hexdigest()
+
+
+class Executor(base_executor.BaseExecutor):
+
+  def Do(self, input_dict: Dict[str, List[types.Artifact]],
+         output_dict: Dict[str, List[types.Artifact]],
+         exec_properties: Dict[str, Any]) -> None:
+    pushed = artifact_utils.get_single_instance(output_dict['pushed_model'])
+    model = artifact_utils.get_single_instance(input_dict['model'])
+    gates = {'tflite (int8) gate': _blessed(input_dict['tflite_blessing'])}
+    if input_dict.get('model_blessing'):
+      gates['TFMA (float) gate'] = _blessed(input_dict['model_blessing'])
+    if not all(gates.values()):
+      failed = [k for k, ok in gates.items() if not ok]
+      logging.warning('not pushed: %s did not bless model %s', ', '.join(failed), model.uri)
+      pushed.set_int_custom_property('pushed', 0)
+      pushed.set_string_custom_property('not_pushed_reason', ', '.join(failed))
+      return
+    src = os.path.join(model.uri, 'Format-Serving')
+    tdir = os.path.join(src, serving.TFLITE_DIR)
+    evaluation = artifact_utils.get_single_instance(input_dict['tflite_evaluation'])
+    with tf.io.gfile.GFile(os.path.join(evaluation.uri, 'metrics.json')) as f:
+      judged = json.load(f)
+    with tf.io.gfile.GFile(os.path.join(tdir, 'training.json')) as f:
+      training = json.load(f)
+    extras = json.loads(exec_properties.get('model_card') or '{}')
+    now = datetime.datetime.now(datetime.timezone.utc)
+    version = now.strftime('%Y%m%dT%H%M%SZ') + f'-m{model.id}'
+    push_dir = exec_properties['push_dir']
+    final = os.path.join(push_dir, version)
+    partial = os.path.join(push_dir, f'.partial-{version}')
+    tf.io.gfile.makedirs(partial)
+    files = {}
+    for name in (serving.INT8, serving.FP16, serving.LABELS):
+      tf.io.gfile.copy(os.path.join(tdir, name), os.path.join(partial, name), overwrite=True)
+      files[name] = {'bytes': tf.io.gfile.stat(os.path.join(tdir, name)).length,
+                     'sha256': _sha256(os.path.join(tdir, name))}
+    for name in ('report.html', 'report.png'):
+      if tf.io.gfile.exists(os.path.join(evaluation.uri, name)):
+        tf.io.gfile.copy(os.path.join(evaluation.uri, name), os.path.join(partial, name), True)
+    io_utils.copy_dir(src, os.path.join(partial, 'saved_model'))
+    examples = input_dict.get('examples')
+    dead = input_dict.get('dead_letters')
+    ingest = json.loads(dead[0].get_string_custom_property('summary') or '{}') if dead else {}
+    card = {
+        'name': extras.get('name', 'carvision'),
+        'version': version,
+        'task': 'car make|model|submodel from one photo',
+        'contract': {'input': 'the whole RGB photo, bilinear-resized to the input tensor H x W, '
+                              'uint8 0-255, nothing else',
+                     'output': 'probabilities in labels.txt order',
+                     'labels': len(serving.read_labels(os.path.join(tdir, serving.LABELS)))},
+        'files': files,
+        'metrics': {judged['split']: {
+            'int8_tflite': {k: judged['metrics'][k] for k in
+                            ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
+                             'per_ad', 'unknown_classes') if k in judged['metrics']},
+            'float_savedmodel': judged['metrics'].get('float'),
+            'split': 'eval: ads hashed by ad_id (no ad in both splits), never trained on'},
+            'train': {'float_keras_last_epoch': {
+                k: v[-1] for stage in training['history'].get('stages', {}).values()
+                if isinstance(stage, dict) for k, v in stage.items()
+                if isinstance(v, list) and k.startswith('class_')}}},
+        'checks': judged['checks'],
+        'thresholds': judged['gate'],
+        'data': {'ingestion': ingest,
+                 'examples_fingerprint': examples_fingerprint(examples[0].uri) if examples else None,
+                 **extras.get('data', {})},
+        'training': {'seconds': training['history'].get('train_seconds'),
+                     'stages': {k: ({m: v for m, v in s.items() if m in ('seconds', 'rolled_back')}
+                                    if isinstance(s, dict) else s)
+                                for k, s in training['history'].get('stages', {}).items()}},
+        'config': extras.get('config', training.get('config')),
+        'code_version': extras.get('code_version'),
+        'command': extras.get('command'),
+        'timestamps': {'trained': training.get('exported_at'), 'pushed': now.isoformat()},
+        'model_artifact': model.uri,
+        'license': extras.get('license'),
+    }
+    with tf.io.gfile.GFile(os.path.join(partial, CARD), 'w') as f:
+      json.dump(card, f, indent=1, sort_keys=False)
+    tf.io.gfile.rename(partial, final, overwrite=False)
+    logging.info('pushed %s', final)
+    pushed.set_int_custom_property('pushed', 1)
+    pushed.set_string_custom_property('pushed_destination', final)
+    pushed.set_string_custom_property('pushed_version', version)

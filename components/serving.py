@@ -1,0 +1,216 @@
+"""Running a trained carvision model the way clients do, and scoring it.
+
+Shared by the TFLite gate (components/tflite_evaluator), the Pusher's model card and
+`carvision predict` / `carvision evaluate`. The contract: the whole RGB photo,
+bilinear-resized to the model's H x W, uint8 0..255; output = probabilities in
+labels.txt order. Decoding/resizing uses the exact function the Trainer used.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+TFLITE_DIR = 'tflite'      # inside a Trainer's serving model dir
+INT8, FP16, LABELS = 'model.tflite', 'model_fp16.tflite', 'labels.txt'
+
+
+def read_labels(path: str) -> List[str]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(path) as f:
+    return [line.rstrip('\n') for line in f if line.strip()]
+
+
+def pixels(jpeg: bytes, size: int) -> np.ndarray:
+  """uint8 [size, size, 3] exactly as in training and serving (components/trainer/task.decode)."""
+  from components.trainer import task  # pylint: disable=g-import-not-at-top
+  return task.decode(jpeg, size).numpy()
+
+
+class TFLiteModel:
+  """An int8 (or fp16) TFLite classifier with its labels; one interpreter, batch of 1."""
+
+  def __init__(self, path: str, labels: Optional[List[str]] = None, threads: Optional[int] = None):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      self.content = f.read()
+    self.path = path
+    self.interp = Interpreter(model_content=self.content, num_threads=threads)
+    self.interp.allocate_tensors()
+    self.inp = self.interp.get_input_details()[0]
+    self.out = self.interp.get_output_details()[0]
+    self.size = int(self.inp['shape'][1])
+    if labels is None:
+      labels = read_labels(os.path.join(os.path.dirname(path), LABELS))
+    self.labels = labels
+
+  def predict_pixels(self, batch: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float probabilities [N, classes]."""
+    out = []
+    scale, zero = self.out['quantization']
+    for img in batch:
+      self.interp.set_tensor(self.inp['index'], img[None].astype(self.inp['dtype']))
+      self.interp.invoke()
+      y = self.interp.get_tensor(self.out['index'])[0]
+      out.append((y.astype(np.float32) - zero) * scale if scale else y.astype(np.float32))
+    return np.stack(out)
+
+  def predict_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
+    return self.predict_pixels(np.stack([pixels(j, self.size) for j in jpegs]))
+
+
+class SavedModel:
+  """The float SavedModel's `serving_default`: JPEG bytes in, probabilities out."""
+
+  def __init__(self, path: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self.fn = tf.saved_model.load(path).signatures['serving_default']
+    for cand in (os.path.join(path, TFLITE_DIR, LABELS), os.path.join(path, '..', LABELS)):
+      if tf.io.gfile.exists(cand):
+        self.labels = read_labels(cand)
+        break
+    else:
+      raise FileNotFoundError(f'no labels.txt for the SavedModel at {path}')
+
+  def predict_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return self.fn(images=tf.constant(list(jpegs)))['probabilities'].numpy()
+
+
+def load(path: str, kind: str = 'auto'):
+  """A .tflite file, a pushed version dir, or a Trainer model dir.
+
+  kind 'auto'/'tflite': the int8 TFLite (what ships) found at <path>/model.tflite or
+  <path>/tflite/model.tflite; 'savedmodel': the float SavedModel (<path> or <path>/saved_model).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if path.endswith('.tflite'):
+    return TFLiteModel(path)
+  if kind in ('auto', 'tflite'):
+    for cand in (os.path.join(path, INT8), os.path.join(path, TFLITE_DIR, INT8)):
+      if tf.io.gfile.exists(cand):
+        return TFLiteModel(cand)
+  if kind in ('auto', 'savedmodel'):
+    for cand in (path, os.path.join(path, 'saved_model')):
+      if tf.io.gfile.exists(os.path.join(cand, 'saved_model.pb')):
+        return SavedModel(cand)
+  raise FileNotFoundError(f'no {kind} model at {path}')
+
+
+def make_of(label: str) -> str:
+  return label.split('|', 1)[0]
+
+
+def score(probs: np.ndarray, labels: List[str], truth: Sequence[str],
+          groups: Optional[Sequence] = None, top_confusions: int = 10) -> Dict:
+  """top-1/top-5, make-level accuracy, per-make top-1, confused pairs; per group (ad) too.
+
+  A true class the model has no output for counts as wrong (it cannot be predicted).
+  """
+  index = {l: i for i, l in enumerate(labels)}
+  order = np.argsort(-probs, axis=1)
+  pred = order[:, 0]
+  y = np.array([index.get(t, -1) for t in truth])
+  top1 = pred == y
+  top5 = np.array([y[i] in order[i, :5] for i in range(len(y))])
+  make_ok = np.array([make_of(labels[p]) == make_of(t) for p, t in zip(pred, truth)])
+  per_make = collections.defaultdict(lambda: [0, 0])
+  confusions = collections.Counter()
+  for p, t, ok in zip(pred, truth, top1):
+    per_make[make_of(t)][0] += int(ok)
+    per_make[make_of(t)][1] += 1
+    if not ok:
+      confusions[(t, labels[p])] += 1
+  out = {'examples': int(len(y)), 'top1_accuracy': float(top1.mean()) if len(y) else None,
+         'top5_accuracy': float(top5.mean()) if len(y) else None,
+         'make_accuracy': float(make_ok.mean()) if len(y) else None,
+         'unknown_classes': int((y < 0).sum()),
+         'per_make': {m: {'top1_accuracy': c / n, 'examples': n}
+                      for m, (c, n) in sorted(per_make.items())},
+         'confused_pairs': [{'true': t, 'predicted': p, 'count': n}
+                            for (t, p), n in confusions.most_common(top_confusions)]}
+  if groups is not None:
+    by = collections.defaultdict(list)
+    for i, g in enumerate(groups):
+      by[g].append(i)
+    keys = sorted(by)
+    agg = np.stack([probs[by[g]].mean(axis=0) for g in keys])
+    ad_truth = [truth[by[g][0]] for g in keys]
+    ad = score(agg, labels, ad_truth, None, 0)
+    out['per_ad'] = {k: ad[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
+                                        'make_accuracy')}
+  return out
+
+
+def verdicts(metrics: Dict, gates: Dict[str, float]) -> Dict[str, Dict]:
+  """{metric: {value, threshold, pass}} for floors like {'top1_accuracy': 0.8}."""
+  out = {}
+  for name, floor in gates.items():
+    v = metrics.get(name)
+    out[name] = {'value': v, 'threshold': floor, 'pass': v is not None and v >= floor - 1e-9}
+  return out
+
+
+def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict]) -> List[str]:
+  """report.html + report.png: verdict per check, per-make accuracy, most confused pairs."""
+  import html  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.makedirs(out_dir)
+  makes = metrics.get('per_make', {})
+  names = sorted(makes, key=lambda m: makes[m]['top1_accuracy'])
+  fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(names) + 1)))
+  ax.barh(names, [makes[m]['top1_accuracy'] for m in names], color='#4c72b0')
+  for gate in ('top1_accuracy',):
+    if gate in checks:
+      ax.axvline(checks[gate]['threshold'], color='#c44e52', linestyle='--', label='top-1 gate')
+  ax.set_xlim(0, 1)
+  ax.set_xlabel('top-1 accuracy (eval photos of the make)')
+  ax.set_title(title)
+  ax.tick_params(axis='y', labelsize=7)
+  fig.tight_layout()
+  png = os.path.join(out_dir, 'report.png')
+  with tf.io.gfile.GFile(png, 'wb') as f:
+    fig.savefig(f, format='png', dpi=90)
+  plt.close(fig)
+  rows = ''.join(
+      f"<tr><td>{html.escape(k)}</td><td>{'n/a' if c.get('value') is None else round(c['value'], 4)}"
+      f"</td><td>{html.escape(str(c.get('threshold', '')))}</td>"
+      f"<td style='color:{'green' if c['pass'] else 'red'}'>{'PASS' if c['pass'] else 'FAIL'}"
+      f"</td><td>{html.escape(c.get('detail', ''))}</td></tr>" for k, c in checks.items())
+  conf = ''.join(f"<tr><td>{html.escape(p['true'])}</td><td>{html.escape(p['predicted'])}</td>"
+                 f"<td>{p['count']}</td></tr>" for p in metrics.get('confused_pairs', []))
+  verdict = all(c['pass'] for c in checks.values())
+  doc = (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+         f"<h1>{html.escape(title)}</h1><h2>Verdict: {'BLESSED' if verdict else 'NOT BLESSED'}</h2>"
+         f"<table border=1 cellpadding=4><tr><th>check</th><th>value</th><th>threshold</th>"
+         f"<th>result</th><th>detail</th></tr>{rows}</table>"
+         f"<h2>Most confused class pairs</h2><table border=1 cellpadding=4><tr><th>true</th>"
+         f"<th>predicted</th><th>photos</th></tr>{conf}</table>"
+         f"<h2>Per-make accuracy</h2><img src='report.png'>"
+         f"<h2>All figures</h2><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>"
+         f"</body></html>")
+  page = os.path.join(out_dir, 'report.html')
+  with tf.io.gfile.GFile(page, 'w') as f:
+    f.write(doc)
+  return [page, png]
+
+
+def examples_in(pattern_dir: str) -> Iterable[Dict]:
+  """(jpeg, class, ad_id, p_hash) dicts from an ExampleGen split directory."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  files = tf.io.gfile.glob(os.path.join(pattern_dir, '*'))
+  for rec in tf.data.TFRecordDataset(files, compression_type='GZIP'):
+    ex = tf.train.Example.FromString(rec.numpy())
+    f = ex.features.feature
+    yield {'jpeg': f['image/encoded'].bytes_list.value[0],
+           'class': f['label/class'].bytes_list.value[0].decode(),
+           'ad_id': int(f['ad_id'].int64_list.value[0]),
+           'p_hash': f['p_hash'].bytes_list.value[0].decode()}
