@@ -3,7 +3,8 @@ ENV := scripts/env.sh
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: env demo test lock clean
+.PHONY: env demo test lock clean image vertex-spec
+IMAGE ?= carvision:local
 env:
 	$(ENV) ensure
 
@@ -15,6 +16,15 @@ test: env
 
 lock: env
 	$(ENV) lock
+
+# The pipeline/worker container (Dockerfile), where Docker and its registries are reachable.
+image:
+	@command -v docker >/dev/null || { echo 'docker is not installed here'; exit 2; }
+	docker build -t $(IMAGE) .
+
+# The Vertex AI pipeline spec from configs/dataflow.yaml (offline).
+vertex-spec: env
+	$(ENV) run 'python -m pipeline.cli run --runner vertex --config dataflow'
 
 clean:
 	rm -rf runs

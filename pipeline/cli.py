@@ -42,10 +42,21 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
   from pipeline import run  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
-  if args.runner != 'direct':
-    print(f'runner {args.runner!r} is not available yet (see docs); use --runner direct',
-          file=sys.stderr)
-    return 2
+  if args.runner in ('dataflow', 'vertex'):
+    from pipeline import runners  # pylint: disable=g-import-not-at-top
+    try:
+      if args.runner == 'dataflow':
+        runners.run_dataflow(cfg)
+        print(run.format_summary(run.summarize(cfg)))
+        return 0
+      spec = runners.compile_vertex(cfg, args.output)
+    except runners.CloudConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    print(f'wrote Vertex AI pipeline spec: {spec}')
+    if args.submit:
+      print(f'submitted: {runners.submit_vertex(cfg, spec)}')
+    return 0
   if args.data:
     # A data set in the car_ads format: throwaway PostgreSQL loaded from its dump, photos on loopback.
     from pipeline import services  # pylint: disable=g-import-not-at-top
@@ -220,6 +231,8 @@ def main(argv=None) -> int:
   p.add_argument('--data', help='a directory in the car_ads format (seez.sql + images/): '
                  'serve it from a throwaway PostgreSQL and a loopback photo host')
   p.add_argument('--summary-json', help='also write the summary as JSON here')
+  p.add_argument('--output', help='vertex: where to write the pipeline spec JSON')
+  p.add_argument('--submit', action='store_true', help='vertex: also submit the compiled spec')
   p.set_defaults(fn=cmd_run)
 
   p = sub.add_parser('ingest', help='run the ExampleGen alone (Beam) and print its summary')

@@ -50,6 +50,9 @@ class IngestConfig:
       default_factory=lambda: {'train': 80, 'eval': 20})
   max_dead_letter_share: float = 0.10
   span: Optional[int] = None  # csv with {SPAN}: read this span (default: the latest)
+  # Secret Manager version holding the database password, read by each worker when
+  # PGPASSWORD is not set (Dataflow/Vertex); e.g. projects/p/secrets/pg/versions/latest.
+  password_secret: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -104,12 +107,31 @@ class PushConfig:
 
 
 @dataclasses.dataclass
+class CloudConfig:
+  """Google Cloud: Dataflow for the Beam components, Vertex AI Pipelines for orchestration."""
+  project: Optional[str] = None
+  region: str = 'us-central1'
+  image: Optional[str] = None            # the pipeline/worker container (Dockerfile)
+  temp_location: Optional[str] = None    # gs://bucket/tmp
+  staging_location: Optional[str] = None  # gs://bucket/staging
+  machine_type: str = 'n1-standard-4'
+  max_num_workers: int = 20
+  disk_size_gb: int = 50
+  experiments: List[str] = dataclasses.field(default_factory=lambda: ['use_runner_v2'])
+  service_account: Optional[str] = None
+  subnetwork: Optional[str] = None       # reaches Cloud SQL's private IP
+  use_public_ips: bool = False
+  vertex_spec: str = 'runs/vertex/carvision_pipeline.json'
+
+
+@dataclasses.dataclass
 class Config:
   pipeline: PipelineSection = dataclasses.field(default_factory=PipelineSection)
   ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
   push: PushConfig = dataclasses.field(default_factory=PushConfig)
+  cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
   source_file: str = ''
 
   def to_json(self) -> str:
@@ -133,7 +155,8 @@ def _build(cls, data: Dict[str, Any]):
     ftype = fields[name].type
     sub = {'HttpConfig': HttpConfig, 'IngestConfig': IngestConfig,
            'ModelConfig': ModelConfig, 'EvaluateConfig': EvaluateConfig,
-           'PipelineSection': PipelineSection, 'PushConfig': PushConfig}.get(
+           'PipelineSection': PipelineSection, 'PushConfig': PushConfig,
+           'CloudConfig': CloudConfig}.get(
                ftype if isinstance(ftype, str) else getattr(ftype, '__name__', ''))
     if sub is not None and isinstance(value, dict):
       value = _build(sub, value)

@@ -123,12 +123,14 @@ def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> beam.PCollection:
   if ingest.get('dsn'):
     from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
     dsn, classes, conf = ingest['dsn'], ingest['vehicle_classes'], ingest['min_confidence']
-    ranges = postgres.ad_id_ranges(dsn, ingest['partitions'])
+    secret = ingest.get('password_secret')
+    ranges = postgres.ad_id_ranges(dsn, ingest['partitions'], secret)
     return (p
             | 'AdIdRanges' >> beam.Create(ranges)
             | 'ShareRanges' >> beam.Reshuffle()
             | 'ReadPostgres' >> beam.FlatMap(
-                lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf)))
+                lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf,
+                                              password_secret=secret)))
   pattern = ingest['csv']
   if '{' in pattern:
     pattern = resolve_csv(pattern, ingest.get('span'))['pattern']

@@ -9,7 +9,7 @@ workers (Dataflow's included) share the work. The password comes from PGPASSWORD
 from __future__ import annotations
 
 import json
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from components.example_gen import records
 
@@ -33,14 +33,27 @@ ORDER BY i.ad_id, i.position, i.id
 _BOUNDS_SQL = 'SELECT min(ad_id), max(ad_id), count(*) FROM app.ad_images'
 
 
-def connect(dsn: str):
+def password_from_secret(secret: str) -> str:
+  """The database password from Secret Manager (workers on Dataflow/Vertex); never logged."""
+  from google.cloud import secretmanager  # pylint: disable=g-import-not-at-top
+  client = secretmanager.SecretManagerServiceClient()
+  return client.access_secret_version(name=secret).payload.data.decode('utf-8')
+
+
+def connect(dsn: str, password_secret: Optional[str] = None):
+  """libpq reads PGPASSWORD itself; otherwise the configured Secret Manager version."""
+  import os  # pylint: disable=g-import-not-at-top
   import psycopg2  # pylint: disable=g-import-not-at-top
-  return psycopg2.connect(dsn, connect_timeout=10, application_name='carvision')
+  kwargs = {}
+  if password_secret and not os.environ.get('PGPASSWORD'):
+    kwargs['password'] = password_from_secret(password_secret)
+  return psycopg2.connect(dsn, connect_timeout=10, application_name='carvision', **kwargs)
 
 
-def ad_id_ranges(dsn: str, partitions: int) -> List[Tuple[int, int]]:
+def ad_id_ranges(dsn: str, partitions: int,
+                 password_secret: Optional[str] = None) -> List[Tuple[int, int]]:
   """Half-open [lo, hi) ad_id ranges covering every image row."""
-  with connect(dsn) as conn, conn.cursor() as cur:
+  with connect(dsn, password_secret) as conn, conn.cursor() as cur:
     cur.execute(_BOUNDS_SQL)
     lo, hi, n = cur.fetchone()
   conn.close()
@@ -71,9 +84,9 @@ def row_from_record(rec: Sequence, classes: Sequence[str], min_confidence: float
 
 
 def read_range(dsn: str, lo: int, hi: int, classes: Sequence[str], min_confidence: float,
-               itersize: int = 2000) -> Iterator[records.Row]:
+               itersize: int = 2000, password_secret: Optional[str] = None) -> Iterator[records.Row]:
   """Streams one ad_id range through a named (server-side) cursor."""
-  conn = connect(dsn)
+  conn = connect(dsn, password_secret)
   try:
     with conn.cursor(name=f'carvision_{lo}_{hi}') as cur:
       cur.itersize = itersize
