@@ -77,6 +77,7 @@ class ModelConfig:
   dropout: float = 0.3
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
   early_stopping_patience: int = 3
+  bbox_crop_prob: float = 0.0  # share of training views cropped to the car's bbox first
   feature_views: int = 2
   tflite_representative_samples: int = 200
 

@@ -37,9 +37,26 @@ def decode(jpeg: tf.Tensor, size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
 
 
-def augment(jpeg: tf.Tensor, size: int, seed=None) -> tf.Tensor:
-  """Random resized crop (area 50-100 %), horizontal flip, brightness/contrast/saturation."""
+def crop_to_box(img: tf.Tensor, box: tf.Tensor, margin: float = 0.05) -> tf.Tensor:
+  """Crops to a normalised [ymin, xmin, ymax, xmax] box grown by `margin` on each side."""
+  shape = tf.cast(tf.shape(img)[:2], tf.float32)
+  lo = tf.clip_by_value(box[:2] - margin, 0.0, 1.0) * shape
+  hi = tf.clip_by_value(box[2:] + margin, 0.0, 1.0) * shape
+  lo_i = tf.cast(tf.round(lo), tf.int32)
+  size_i = tf.maximum(tf.cast(tf.round(hi), tf.int32) - lo_i, 1)
+  return tf.slice(img, tf.concat([lo_i, [0]], 0), tf.concat([size_i, [-1]], 0))
+
+
+def augment(jpeg: tf.Tensor, size: int, seed=None, box=None, crop_prob: float = 0.0) -> tf.Tensor:
+  """Random resized crop (area 50-100 %), horizontal flip, brightness/contrast/saturation.
+
+  With `box` (the largest car detection, when known) and `crop_prob` > 0, that share
+  of training views is first cropped to the car: the model sees tightly framed cars as
+  phone users take them, while eval and serving keep the whole photo (the contract).
+  """
   img = tf.io.decode_jpeg(jpeg, channels=3)
+  if box is not None:
+    img = tf.cond(tf.random.uniform([]) < crop_prob, lambda: crop_to_box(img, box), lambda: img)
   begin, crop, _ = tf.image.sample_distorted_bounding_box(
       tf.shape(img), tf.zeros([1, 0, 4]), min_object_covered=0.0,
       aspect_ratio_range=(0.75, 1.33), area_range=(0.5, 1.0), max_attempts=10,
@@ -54,7 +71,7 @@ def augment(jpeg: tf.Tensor, size: int, seed=None) -> tf.Tensor:
 
 
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
-            training: bool, repeat: bool = False) -> tf.data.Dataset:
+            training: bool, repeat: bool = False, crop_prob: float = 0.0) -> tf.data.Dataset:
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
   if training:
     ds = ds.shuffle(2048, seed=7, reshuffle_each_iteration=True)
@@ -64,7 +81,14 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
 
   def to_xy(f):
     jpeg = tf.reshape(f[F.IMAGE], [-1])[0]
-    img = augment(jpeg, size) if training else decode(jpeg, size)
+    if training and crop_prob > 0:
+      box = tf.stack([tf.reshape(f[k], [-1])[0] for k in F.BBOX])
+      known = tf.reshape(f[F.BBOX_KNOWN], [-1])[0] > 0
+      img = augment(jpeg, size, box=box, crop_prob=tf.where(known, crop_prob, 0.0))
+    elif training:
+      img = augment(jpeg, size)
+    else:
+      img = decode(jpeg, size)
     cls = tf.reshape(f[cls_key], [-1])[0]
     make = tf.reshape(f[make_key], [-1])[0]
     return img, {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
@@ -152,7 +176,8 @@ def run_fn(fn_args):
                                          restore_best_weights=True)
 
   def data(files, training, repeat=False):
-    return dataset(files, spec, size, batch, n_classes, n_makes, training=training, repeat=repeat)
+    return dataset(files, spec, size, batch, n_classes, n_makes, training=training, repeat=repeat,
+                   crop_prob=float(mc.get('bbox_crop_prob') or 0.0))
 
   n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
   stages = mc['stages']
