@@ -276,3 +276,11 @@ def test_rate_limiter_spaces_requests():
   for _ in range(11):
     limiter.wait()
   assert time.monotonic() - t >= 10 / 50.0 - 1e-3  # never faster than the budget
+
+
+def test_split_does_not_depend_on_mapping_order():
+  """The pipeline passes the config as sorted JSON, the CLI as YAML order: same split."""
+  a = {ad: records.split_for(ad, {'train': 80, 'eval': 20}) for ad in range(1000000, 1002000)}
+  b = {ad: records.split_for(ad, {'eval': 20, 'train': 80}) for ad in range(1000000, 1002000)}
+  assert a == b
+  assert 0.15 < sum(v == 'eval' for v in a.values()) / len(a) < 0.25

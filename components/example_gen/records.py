@@ -122,10 +122,14 @@ def check_p_hash(row: Row, pattern: str) -> Optional[DeadLetter]:
 
 
 def split_for(ad_id: int, splits: Dict[str, int]) -> str:
-  """A stable split by ad_id (sha256, not Python's salted hash), so an ad never crosses splits."""
+  """A stable split by ad_id (sha256, not Python's salted hash), so an ad never crosses splits.
+
+  Split names are taken in sorted order, so the same config gives the same split however
+  the mapping was ordered (YAML, JSON with sorted keys, the CLI).
+  """
   total = sum(splits.values())
   bucket = int(hashlib.sha256(str(int(ad_id)).encode()).hexdigest()[:8], 16) % total
-  for name, weight in splits.items():
+  for name, weight in sorted(splits.items()):
     if bucket < weight:
       return name
     bucket -= weight
