@@ -110,8 +110,27 @@ def cmd_export(args) -> int:
     print('error: give --dsn or set CARVISION_DSN (password in PGPASSWORD)', file=sys.stderr)
     return 2
   n = 0
+  secret = cfg.ingest.password_secret
   with open(args.out, 'w', newline='') as f:
     w = csv.writer(f)
+    if args.per_image:
+      # One row per usable photo (a vehicle photo of an ad with catalogue labels), the
+      # largest vehicle detection's pixel bbox and confidence; the same rows ingestion uses.
+      w.writerow(['ad_id', 'position', 'p_hash', 'make', 'model', 'submodel',
+                  'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'confidence'])
+      seen = set()
+      for lo, hi in postgres.ad_id_ranges(dsn, 1, secret):
+        for row in postgres.read_range(dsn, lo, hi, cfg.ingest.vehicle_classes,
+                                       cfg.ingest.min_confidence, password_secret=secret):
+          if row.reason or (row.ad_id, row.p_hash) in seen:
+            continue
+          seen.add((row.ad_id, row.p_hash))
+          box = list(row.bbox) if row.bbox else ['', '', '', '']
+          w.writerow([row.ad_id, row.position, row.p_hash, row.make, row.model, row.submodel,
+                      *box, '' if row.confidence is None else row.confidence])
+          n += 1
+      print(f'wrote {n} photos to {args.out}')
+      return 0
     w.writerow(['ad_id', 'make', 'model', 'submodel', 'hashish'])
     for rec in postgres.export_rows(dsn, cfg.ingest.vehicle_classes, cfg.ingest.min_confidence):
       w.writerow(rec)
@@ -268,6 +287,8 @@ def main(argv=None) -> int:
   common(p)
   p.add_argument('--dsn')
   p.add_argument('--out', required=True)
+  p.add_argument('--per-image', action='store_true',
+                 help='one row per photo with its largest vehicle detection (bbox, confidence)')
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser('predict', help='top-k make/model/submodel for photos')

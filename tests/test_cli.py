@@ -49,3 +49,18 @@ def test_ingest_from_csv_export(tmp_path, image_host, tiny_manifest):
   assert summary['rows'] == tiny_manifest['counts']['cars_csv_hashes']
   assert summary['dead_letters']['duplicate'] == \
       tiny_manifest['noise_counts']['e_two_vehicle_detection_images']
+
+
+def test_export_per_image_has_bbox_and_confidence(tmp_path, tiny_dsn):
+  out = tmp_path / 'photos.csv'
+  res = _cli('export', '--dsn', tiny_dsn, '--out', str(out), '--per-image')
+  assert res.returncode == 0, res.stderr[-2000:]
+  rows = list(csv.DictReader(open(out)))
+  with open(os.path.join(TINY, 'cars.csv')) as f:
+    original = {(int(r['ad_id']), h) for r in csv.DictReader(f) for h in r['hashish'].split(',')}
+  # the same (ad, photo) pairs as the original query, each once
+  assert {(int(r['ad_id']), r['p_hash']) for r in rows} == original
+  assert len(rows) == len(original)
+  for r in rows:
+    x1, y1, x2, y2 = (float(r[k]) for k in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2'))
+    assert x1 < x2 and y1 < y2 and 0.0 < float(r['confidence']) <= 1.0

@@ -95,6 +95,11 @@ def test_model_signatures_and_tflite(first_run):
   size = cfg.model.image_size
   assert inp['dtype'] == np.uint8 and list(inp['shape']) == [1, size, size, 3]
   assert len(labels) == interp.get_output_details()[0]['shape'][-1] == 10
+  # serving's label order is Transform's vocabulary order (output index == label id)
+  import tensorflow_transform as tft
+  vocab = tft.TFTransformOutput(_one(cfg.path(cfg.pipeline.root), 'Transform',
+                                     'transform_graph')).vocabulary_by_name('label_class')
+  assert labels == [v.decode() for v in vocab]
 
 
 def test_evaluation_and_blessing_agree_with_push(first_run):
@@ -104,6 +109,8 @@ def test_evaluation_and_blessing_agree_with_push(first_run):
     assert 0.0 <= m['value'] <= 1.0
   gate = summary['int8_gate']
   assert set(gate) == {'top1_accuracy', 'top5_accuracy', 'int8_vs_float_top1_drop'}
+  # 10 classes: chance is 0.10; the shipped int8 model must be far above it
+  assert gate['top1_accuracy']['value'] >= 0.5, gate
   assert summary['int8_metrics']['examples'] == summary['examples']['eval']
   # the int8 gate reads the same floors as TFMA; blessed only if both gates pass
   assert gate['top1_accuracy']['threshold'] == summary['metrics']['top1_accuracy']['threshold']
