@@ -181,6 +181,23 @@ def test_failing_parity_check_blocks_the_push(first_run, tiny_dsn):
   assert not os.listdir(cfg.path(cfg.push.dir)) if os.path.exists(cfg.path(cfg.push.dir)) else True
 
 
+def test_serving_signature_equals_keras_model(first_run):
+  """serving_default (JPEG bytes) == the Keras model on the same decoded photo."""
+  import tensorflow as tf
+  import tf_keras as keras
+  from components.trainer import task
+  from tests.conftest import TINY
+  tmp, cfg, _, _ = first_run
+  model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
+  model = keras.models.load_model(model_dir)
+  serve = tf.saved_model.load(model_dir).signatures['serving_default']
+  photo = open(sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[0], 'rb').read()
+  pixels = task.decode(photo, cfg.model.image_size)[None]
+  keras_probs = model(pixels, training=False)['class'].numpy()
+  serving_probs = serve(images=tf.constant([photo]))['probabilities'].numpy()
+  np.testing.assert_allclose(serving_probs, keras_probs, atol=1e-5)
+
+
 def test_predict_tflite_and_savedmodel_agree(first_run):
   from components import serving
   from tests.conftest import TINY
