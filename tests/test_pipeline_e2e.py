@@ -228,9 +228,10 @@ def test_cli_predict_and_evaluate(first_run, capsys):
   assert len(out) == 2 and len(out[0]['top_k']) == 3
   assert out[0]['top_k'][0]['label'] == '|'.join(
       (out[0]['top_k'][0]['make'], out[0]['top_k'][0]['model'], out[0]['top_k'][0]['submodel']))
-  assert cli.main(['predict', '--model', model_dir, '--json', '--ad', *photos]) == 0
+  assert cli.main(['predict', '--model', model_dir, '--json', '--ad', '--top-k', '10', *photos]) == 0
   ad = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert abs(sum(p['probability'] for p in ad['top_k']) - 1.0) < 0.05
+  assert len(ad['input']) == 2 and len(ad['top_k']) == 10  # one answer for the ad
+  assert abs(sum(p['probability'] for p in ad['top_k']) - 1.0) < 0.05  # all 10 classes
   report = tmp / 'report'
   assert cli.main(['evaluate', '--config', 'demo', '--model', model_dir, '--data', TINY,
                    '--split', 'eval', '--json', '--report', str(report)]) == 0
