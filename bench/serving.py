@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from components import serving  # noqa: E402
+from components.example_gen import records  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 TINY = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny', 'images')
@@ -45,7 +46,7 @@ def main():
   jpegs = []
   for path in sorted(glob.glob(os.path.join(TINY, '*.jpg'))):
     data = open(path, 'rb').read()
-    if data[:3] == b'\xff\xd8\xff':
+    if records.validate_image(data, 40_000_000)[0] is None:  # the sample has a corrupt one
       jpegs.append(data)
   jpegs = (jpegs * (args.photos // len(jpegs) + 1))[:args.photos]
   out = {'photos': len(jpegs), 'cpus': os.cpu_count(), 'machine': platform.machine()}
