@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -201,16 +201,3 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
   with tf.io.gfile.GFile(page, 'w') as f:
     f.write(doc)
   return [page, png]
-
-
-def examples_in(pattern_dir: str) -> Iterable[Dict]:
-  """(jpeg, class, ad_id, p_hash) dicts from an ExampleGen split directory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  files = tf.io.gfile.glob(os.path.join(pattern_dir, '*'))
-  for rec in tf.data.TFRecordDataset(files, compression_type='GZIP'):
-    ex = tf.train.Example.FromString(rec.numpy())
-    f = ex.features.feature
-    yield {'jpeg': f['image/encoded'].bytes_list.value[0],
-           'class': f['label/class'].bytes_list.value[0].decode(),
-           'ad_id': int(f['ad_id'].int64_list.value[0]),
-           'p_hash': f['p_hash'].bytes_list.value[0].decode()}

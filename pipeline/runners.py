@@ -89,11 +89,9 @@ def run_dataflow(cfg: Config) -> None:
 
 def compile_vertex(cfg: Config, output: str = None) -> str:
   """Writes the Vertex AI pipeline spec JSON; returns its path. Offline."""
-  from tfx import v1 as tfx  # pylint: disable=g-import-not-at-top
   from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
   from pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
-  del tfx
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   output = cfg.path(output or cfg.cloud.vertex_spec)
