@@ -65,6 +65,7 @@ class StageConfig:
   # top_blocks only: train on activations of the frozen lower network computed once
   # (with the frozen stage's views) instead of running the whole network every step.
   cached: bool = False
+  patience: Optional[int] = None  # early stopping for this stage; default model.early_stopping_patience
 
 
 @dataclasses.dataclass

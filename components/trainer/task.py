@@ -171,8 +171,10 @@ def run_fn(fn_args):
   smoothing = float(mc['label_smoothing'])
   patience = int(mc['early_stopping_patience'])
 
-  def stop():
-    return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max', patience=patience,
+  def stop(stage):
+    p = stage.get('patience')
+    return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max',
+                                         patience=patience if p is None else int(p),
                                          restore_best_weights=True)
 
   def data(files, training, repeat=False):
@@ -239,7 +241,7 @@ def run_fn(fn_args):
       model, val = head, ArrayBatches(xev, yev, 256, n_out, shuffle=False)
       steps = len(train_seq) * epochs
       _compile(head, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
-      h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(), tb],
+      h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(stage), tb],
                    verbose=2)
     elif cached_stage:
       # Top blocks + heads trained on cached lower activations; copied back afterwards.
@@ -252,7 +254,7 @@ def run_fn(fn_args):
       steps = len(train_seq) * epochs
       _compile(top, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
       h = top.fit(train_seq, epochs=epochs, validation_data=ArrayBatches(
-          xev, yev, 256, n_out, shuffle=False), callbacks=[stop(), tb], verbose=2)
+          xev, yev, 256, n_out, shuffle=False), callbacks=[stop(stage), tb], verbose=2)
       M.el.copy_weights(upper, base)
     else:
       M.set_trainable(base, stage['trainable'], int(stage.get('top_blocks', 2)))
@@ -261,7 +263,7 @@ def run_fn(fn_args):
                smoothing)
       h = full.fit(data(train_files, True, repeat=True), steps_per_epoch=per_epoch,
                    epochs=epochs, validation_data=data(eval_files, False),
-                   callbacks=[stop(), tb], verbose=2)
+                   callbacks=[stop(stage), tb], verbose=2)
     history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     history[name]['seconds'] = time.time() - ts
     stage_best = max(h.history.get('val_class_top1', [0.0]))
