@@ -72,6 +72,9 @@ def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:
   BatchNormalization stays frozen (inference statistics) in every mode: with small
   batches on CPU, updating it hurts more than it helps.
   """
+  # First the model, then each layer: setting a Keras model's `trainable` sets it on every
+  # layer inside, so doing it last would unfreeze BatchNormalization and the lower blocks.
+  base.trainable = mode != 'none'
   blocks = el.block_names(base)
   open_prefixes = set()
   if mode == 'top_blocks':
@@ -87,7 +90,6 @@ def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:
       layer.trainable = False
     else:
       raise ValueError(f'unknown trainable mode {mode!r}')
-  base.trainable = mode != 'none'
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
