@@ -11,6 +11,8 @@ import tempfile
 from pipeline import config as config_lib
 
 SAMPLE_DIR = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
+# The blessed 196-class model committed with the code (see models/car_ads/model_card.json).
+SHIPPED_MODEL = os.path.join(config_lib.REPO_ROOT, 'models', 'car_ads')
 
 
 def _config(args) -> config_lib.Config:
@@ -292,7 +294,8 @@ def main(argv=None) -> int:
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser('predict', help='top-k make/model/submodel for photos')
-  p.add_argument('--model', required=True, help='a pushed version dir, a .tflite, or a SavedModel')
+  p.add_argument('--model', default=SHIPPED_MODEL,
+                 help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
   p.add_argument('images', nargs='+')
   p.add_argument('--top-k', type=int, default=5)
@@ -302,7 +305,7 @@ def main(argv=None) -> int:
 
   p = sub.add_parser('evaluate', help='top-1/top-5 of a model on a labels.csv + images/ data set')
   common(p)
-  p.add_argument('--model', required=True)
+  p.add_argument('--model', default=SHIPPED_MODEL, help='as for predict (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
   p.add_argument('--data', required=True, help='a directory with labels.csv and images/')
   p.add_argument('--report', help='write report.html + report.png into this directory')

@@ -77,6 +77,11 @@ def cloud_config(cfg: Config) -> Config:
   return cfg
 
 
+def _now() -> str:
+  import datetime  # pylint: disable=g-import-not-at-top
+  return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
 def run_dataflow(cfg: Config) -> None:
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
@@ -84,7 +89,7 @@ def run_dataflow(cfg: Config) -> None:
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)) or '.', exist_ok=True)
-  BeamDagRunner().run(create_pipeline(cfg, card_extras()))
+  BeamDagRunner().run(create_pipeline(cfg, {**card_extras(), 'run_started': _now()}))
 
 
 def compile_vertex(cfg: Config, output: str = None) -> str:

@@ -158,6 +158,7 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
   assert card['data']['ingestion']['rows'] == s['rows'] and len(card['data']['examples_fingerprint']) == 64
   assert card['files']['model.tflite']['bytes'] == os.path.getsize(os.path.join(v, 'model.tflite'))
   assert card['code_version'] and card['timestamps']['pushed']
+  assert 0 < card['wall_seconds'] < 3600  # launcher start (ingestion included) to push
 
 
 def test_impossible_threshold_blocks_the_push(first_run, tiny_dsn):
@@ -260,3 +261,26 @@ def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny
   assert change['value'] < -0.01 and not change['pass']
   assert not s['blessed'] and not s['pushed']
   assert not os.path.exists(cfg.path(cfg.push.dir)) or not os.listdir(cfg.path(cfg.push.dir))
+
+
+def test_warm_start_resumes_from_a_previous_model(first_run, tiny_dsn):
+  """The same near-useless training (1 epoch at a tiny rate) that the regression test blocks,
+  warm-started from the first run's model: it keeps that model's accuracy."""
+  import json
+  from components.trainer import task
+  _, cfg0, first, _ = first_run
+  prev = sorted(glob.glob(os.path.join(cfg0.path(cfg0.pipeline.root), 'Trainer', 'model', '*')),
+                        key=lambda d: int(os.path.basename(d)))[0]  # the first run's
+  with pytest.raises(ValueError, match='label vocabulary'):
+    task.warm_start(None, prev, ['not', 'these', 'labels'])
+  with pytest.raises(FileNotFoundError):
+    task.warm_start(None, os.path.join(prev, 'nowhere'), [])
+  worse = [{'name': 'head', 'trainable': 'none', 'epochs': 1, 'learning_rate': 1e-5}]
+  cfg, s = _rerun(first_run, tiny_dsn, 'push_warm',
+                  **{**EASY, 'model.stages': worse, 'model.feature_views': 1,
+                     'model.warm_start': prev, 'evaluate.tfma': False})
+  top1 = s['int8_gate']['top1_accuracy']['value']
+  assert top1 >= first['int8_gate']['top1_accuracy']['value'] - 0.05, (top1, first['int8_gate'])
+  card = json.load(open(glob.glob(os.path.join(cfg.path(cfg.push.dir), '*', 'model_card.json'))[0]))
+  assert card['training']['warm_start']['source'].startswith(prev)
+  assert card['config']['model']['warm_start'] == prev

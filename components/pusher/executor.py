@@ -8,7 +8,7 @@ import datetime
 import hashlib
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 from absl import logging
@@ -24,6 +24,13 @@ CARD = 'model_card.json'
 
 def _blessed(artifacts: List[types.Artifact]) -> bool:
   return bool(artifacts) and bool(artifacts[0].get_int_custom_property('blessed'))
+
+
+def _since(started, now) -> Optional[float]:
+  """Seconds from the launcher's start (ingestion included) to this push, when known."""
+  if not started:
+    return None
+  return round((now - datetime.datetime.fromisoformat(started)).total_seconds(), 1)
 
 
 def _sha256(path: str) -> str:
@@ -109,13 +116,16 @@ class Executor(base_executor.BaseExecutor):
                  'examples_fingerprint': examples_fingerprint(examples[0].uri) if examples else None,
                  **extras.get('data', {})},
         'training': {'seconds': training['history'].get('train_seconds'),
+                     'warm_start': training['history'].get('stages', {}).get('warm_start'),
                      'stages': {k: ({m: v for m, v in s.items() if m in ('seconds', 'rolled_back')}
                                     if isinstance(s, dict) else s)
                                 for k, s in training['history'].get('stages', {}).items()}},
         'config': extras.get('config', training.get('config')),
         'code_version': extras.get('code_version'),
         'command': extras.get('command'),
-        'timestamps': {'trained': training.get('exported_at'), 'pushed': now.isoformat()},
+        'timestamps': {'run_started': extras.get('run_started'),
+                       'trained': training.get('exported_at'), 'pushed': now.isoformat()},
+        'wall_seconds': _since(extras.get('run_started'), now),
         'model_artifact': model.uri,
         'license': extras.get('license'),
     }

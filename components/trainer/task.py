@@ -138,6 +138,34 @@ class ArrayBatches(keras.utils.Sequence):
       self.rng.shuffle(self.order)
 
 
+def warm_start(full: keras.Model, path: str, class_labels: List[str]) -> str:
+  """Loads a previous carvision model's weights into `full`; returns the SavedModel used.
+
+  Refuses a model trained on another label vocabulary (a different order would silently
+  scramble the classes) or another architecture (weights must match one to one).
+  """
+  cands = [path, os.path.join(path, 'Format-Serving'), os.path.join(path, 'saved_model')]
+  src = next((c for c in cands if tf.io.gfile.exists(os.path.join(c, 'saved_model.pb'))), None)
+  if src is None:
+    raise FileNotFoundError(f'model.warm_start: no SavedModel at {path}')
+  lbl = next((os.path.join(d, *f) for d in (src, path) for f in (('tflite', 'labels.txt'),
+                                                                 ('labels.txt',))
+              if tf.io.gfile.exists(os.path.join(d, *f))), None)
+  if lbl is None:
+    raise FileNotFoundError(f'model.warm_start: no labels.txt with {src}')
+  with tf.io.gfile.GFile(lbl) as f:
+    prev_labels = f.read().splitlines()
+  if prev_labels != list(class_labels):
+    raise ValueError(f'model.warm_start: {lbl} has another label vocabulary '
+                     f'({len(prev_labels)} vs {len(class_labels)} labels, or another order)')
+  prev = keras.models.load_model(src, compile=False)
+  theirs, ours = prev.get_weights(), full.get_weights()
+  if [w.shape for w in theirs] != [w.shape for w in ours]:
+    raise ValueError(f'model.warm_start: {src} has another architecture (backbone/size)')
+  full.set_weights(theirs)
+  return src
+
+
 def _compile(m: keras.Model, schedule, smoothing: float):
   m.compile(
       optimizer=keras.optimizers.Adam(schedule),
@@ -166,6 +194,9 @@ def run_fn(fn_args):
   n_feat = int(base.output.shape[-1])
   head = M.heads(n_feat, n_classes, n_makes, float(mc['dropout']))
   full = M.classifier(base, head, size)
+  if mc.get('warm_start'):
+    src = warm_start(full, mc['warm_start'], export.labels(tft_out, 'class'))
+    logging.info('warm start from %s', src)
   tb = keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, write_graph=False)
   history = {}
   smoothing = float(mc['label_smoothing'])
@@ -227,6 +258,10 @@ def run_fn(fn_args):
     return c['pooled']
 
   best = -1.0  # best eval top-1 so far; a stage that does not beat it is rolled back
+  if mc.get('warm_start'):
+    _compile(full, 1e-4, smoothing)
+    best = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)['class_top1']
+    history['warm_start'] = {'source': src, 'eval_top1': float(best)}
   for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
     ts = time.time()
