@@ -129,3 +129,25 @@ def test_bbox_crop_keeps_the_car():
   never = task.augment(jpeg, 32, box=box, crop_prob=0.0).numpy()
   assert always.shape == never.shape == (32, 32, 3)
   assert always.mean() > never.mean()  # cropped views are mostly car
+
+
+def test_set_trainable_opens_only_the_named_blocks():
+  """Regression: setting the model's own flag last used to unfreeze BN and every block."""
+  import tf_keras as keras
+  from components.trainer import model as M
+  base = el.build('efficientnet_lite2', (64, 64, 3))
+  blocks = el.block_names(base)
+  n_conv = lambda ws: {w.name.split('/')[0] for w in ws}
+  M.set_trainable(base, 'none')
+  assert not base.trainable_weights
+  M.set_trainable(base, 'top_blocks', 14)
+  open_layers = n_conv(base.trainable_weights)
+  assert open_layers and all(any(n.startswith(p) for p in blocks[-14:] + ['top_', 'head_'])
+                             for n in open_layers), sorted(open_layers)
+  assert not any(n.startswith(p) for n in open_layers for p in blocks[:7])
+  M.set_trainable(base, 'all')
+  assert {n.split('_')[0] for n in n_conv(base.trainable_weights)} >= {b.rstrip('_') for b in blocks}
+  for mode in ('top_blocks', 'all'):
+    M.set_trainable(base, mode, 14)
+    bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bn and not any(l.trainable or l.trainable_weights for l in bn)
