@@ -12,6 +12,9 @@ import pytest
 from tests.conftest import REPO, SHARED_FULL, TINY
 
 SHIPPED = os.path.join(REPO, 'models', 'car_ads')
+# Until a model passes the gates on car_ads nothing is shipped (issue #8), and these are skipped.
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, 'model_card.json')),
+                                reason='no blessed car_ads model committed under models/car_ads/')
 
 
 def _card():
