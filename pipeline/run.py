@@ -38,12 +38,15 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None) -> None:
   """BeamDagRunner; the Beam components use the DirectRunner with cfg.pipeline.beam_args."""
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  import datetime  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
-  card = dict(card if card is not None else card_extras())
-  # The model card's wall time runs from here (ingestion included) to the push.
-  card['run_started'] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-  BeamDagRunner().run(create_pipeline(cfg, card))
+  card = card if card is not None else card_extras()
+  BeamDagRunner().run(create_pipeline(cfg, started(card)))
+
+
+def started(card: Dict[str, Any]) -> Dict[str, Any]:
+  """The card stamped with now: its wall time runs from here (ingestion included) to the push."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  return {**card, 'run_started': datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def _latest(store, type_name: str, pipeline_name: str, producer: Optional[str] = None):

@@ -77,26 +77,21 @@ def cloud_config(cfg: Config) -> Config:
   return cfg
 
 
-def _now() -> str:
-  import datetime  # pylint: disable=g-import-not-at-top
-  return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
 def run_dataflow(cfg: Config) -> None:
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
+  from pipeline.run import card_extras, started  # pylint: disable=g-import-not-at-top
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)) or '.', exist_ok=True)
-  BeamDagRunner().run(create_pipeline(cfg, {**card_extras(), 'run_started': _now()}))
+  BeamDagRunner().run(create_pipeline(cfg, started(card_extras())))
 
 
 def compile_vertex(cfg: Config, output: str = None) -> str:
   """Writes the Vertex AI pipeline spec JSON; returns its path. Offline."""
   from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
+  from pipeline.run import card_extras, started  # pylint: disable=g-import-not-at-top
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   output = cfg.path(output or cfg.cloud.vertex_spec)

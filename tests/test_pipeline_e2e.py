@@ -270,7 +270,7 @@ def test_warm_start_resumes_from_a_previous_model(first_run, tiny_dsn):
   from components.trainer import task
   _, cfg0, first, _ = first_run
   prev = sorted(glob.glob(os.path.join(cfg0.path(cfg0.pipeline.root), 'Trainer', 'model', '*')),
-                        key=lambda d: int(os.path.basename(d)))[0]  # the first run's
+                key=lambda d: int(os.path.basename(d)))[0]  # the first run's model
   with pytest.raises(ValueError, match='label vocabulary'):
     task.warm_start(None, prev, ['not', 'these', 'labels'])
   with pytest.raises(FileNotFoundError):

@@ -116,7 +116,7 @@ class Executor(base_executor.BaseExecutor):
                  'examples_fingerprint': examples_fingerprint(examples[0].uri) if examples else None,
                  **extras.get('data', {})},
         'training': {'seconds': training['history'].get('train_seconds'),
-                     'warm_start': training['history'].get('stages', {}).get('warm_start'),
+                     'warm_start': training['history'].get('warm_start'),
                      'stages': {k: ({m: v for m, v in s.items() if m in ('seconds', 'rolled_back')}
                                     if isinstance(s, dict) else s)
                                 for k, s in training['history'].get('stages', {}).items()}},

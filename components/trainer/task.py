@@ -148,13 +148,13 @@ def warm_start(full: keras.Model, path: str, class_labels: List[str]) -> str:
   src = next((c for c in cands if tf.io.gfile.exists(os.path.join(c, 'saved_model.pb'))), None)
   if src is None:
     raise FileNotFoundError(f'model.warm_start: no SavedModel at {path}')
-  lbl = next((os.path.join(d, *f) for d in (src, path) for f in (('tflite', 'labels.txt'),
-                                                                 ('labels.txt',))
-              if tf.io.gfile.exists(os.path.join(d, *f))), None)
+  from components import serving  # pylint: disable=g-import-not-at-top
+  # labels.txt: in tflite/ next to a Trainer's SavedModel, or beside a pushed version's.
+  lbls = [os.path.join(src, serving.TFLITE_DIR, serving.LABELS), os.path.join(path, serving.LABELS)]
+  lbl = next((c for c in lbls if tf.io.gfile.exists(c)), None)
   if lbl is None:
     raise FileNotFoundError(f'model.warm_start: no labels.txt with {src}')
-  with tf.io.gfile.GFile(lbl) as f:
-    prev_labels = f.read().splitlines()
+  prev_labels = serving.read_labels(lbl)
   if prev_labels != list(class_labels):
     raise ValueError(f'model.warm_start: {lbl} has another label vocabulary '
                      f'({len(prev_labels)} vs {len(class_labels)} labels, or another order)')
@@ -258,10 +258,11 @@ def run_fn(fn_args):
     return c['pooled']
 
   best = -1.0  # best eval top-1 so far; a stage that does not beat it is rolled back
+  started_from = None
   if mc.get('warm_start'):
     _compile(full, 1e-4, smoothing)
     best = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)['class_top1']
-    history['warm_start'] = {'source': src, 'eval_top1': float(best)}
+    started_from = {'source': src, 'eval_top1': float(best)}
   for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
     ts = time.time()
@@ -319,4 +320,5 @@ def run_fn(fn_args):
   final = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)
   logging.info('float model on eval split: %s', final)
   export.export_all(full, tft_out, fn_args, cfg, history={'stages': history, 'eval': final,
+                                                           'warm_start': started_from,
                                                            'train_seconds': time.time() - t0})
