@@ -81,6 +81,9 @@ class ModelConfig:
   bbox_crop_prob: float = 0.0  # share of training views cropped to the car's bbox first
   feature_views: int = 2
   tflite_representative_samples: int = 200
+  # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
+  # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
+  serving_views: List[str] = dataclasses.field(default_factory=lambda: ['full'])
   # A Trainer output (`.../Trainer/model/<id>`) or pushed version (`<push.dir>/<version>`) whose
   # weights start this training (same backbone, size and label vocabulary): resume across runs.
   warm_start: Optional[str] = None

@@ -13,6 +13,7 @@ from components import features as F
 from components.example_gen.component import CarAdsExampleGen
 from components.pusher.component import VersionedPusher
 from components.tflite_evaluator.component import TFLiteEvaluator
+from components.trainer import model as trainer_model
 from pipeline.config import CONFIG_DIR, Config
 
 SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
@@ -58,6 +59,7 @@ def eval_config(cfg: Config) -> tfma.EvalConfig:
 
 def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipeline:
   """The pipeline in data order. `card`: extra model-card fields (command, data, code version)."""
+  trainer_model.parse_views(cfg.model.serving_views)  # a bad view fails here, not after ingestion
   ingest = dataclasses.asdict(cfg.ingest)
   if ingest['csv']:
     ingest['csv'] = cfg.path(ingest['csv'])

@@ -98,6 +98,9 @@ class Executor(base_executor.BaseExecutor):
         'contract': {'input': 'the whole RGB photo, bilinear-resized to the input tensor H x W, '
                               'uint8 0-255, nothing else',
                      'output': 'probabilities in labels.txt order',
+                     # averaged inside the model over these views of the photo (model.serving_views)
+                     'test_time_views': ((training.get('config') or {}).get('model') or {}).get(
+                         'serving_views') or ['full'],
                      'labels': len(serving.read_labels(os.path.join(tdir, serving.LABELS)))},
         'files': files,
         'metrics': {judged['split']: {

@@ -6,6 +6,8 @@ SavedModel signatures:
   transform_features(examples) -> transformed features incl. integer labels (TFMA labels)
   serve_pixels(pixels: uint8[1, H, W, 3]) -> probabilities            (the TFLite function)
 Next to it, in `tflite/`: model.tflite (int8), model_fp16.tflite, labels.txt.
+Every signature averages the configured test-time views (`model.serving_views`) inside
+the graph, so the SavedModel, the TFLite files and the gates all judge the same model.
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
 
 def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   size = int(cfg['model']['image_size'])
+  views = M.parse_views(cfg['model'].get('serving_views') or ['full'])
   class_labels = labels(tft_out, 'class')
   label_table = tf.constant(class_labels)
   raw_spec = tft_out.raw_feature_spec()
   full.tft_layer = tft_out.transform_features_layer()
 
   def predict(pixels):
-    out = full(pixels, training=False)  # one forward pass for both heads
+    out = M.predict_views(full, pixels, views)  # one forward pass for both heads
     probs = out[M.CLASS_OUT]
     top = tf.math.top_k(probs, k=min(TOP_K, len(class_labels)))
     return {'probabilities': probs, 'top_k_probabilities': top.values,
@@ -57,7 +60,7 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   def serve_examples(examples):
     parsed = tf.io.parse_example(examples, {F.IMAGE: raw_spec[F.IMAGE]})
     jpegs = tf.reshape(parsed[F.IMAGE], [-1])
-    return {'probabilities': full(_decode_batch(jpegs, size), training=False)[M.CLASS_OUT]}
+    return {'probabilities': M.predict_views(full, _decode_batch(jpegs, size), views)[M.CLASS_OUT]}
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
   def transform_features(examples):
@@ -67,7 +70,7 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
   def serve_pixels(pixels):
-    return {'probabilities': full(pixels, training=False)[M.CLASS_OUT]}
+    return {'probabilities': M.predict_views(full, pixels, views)[M.CLASS_OUT]}
 
   out_dir = fn_args.serving_model_dir
   full.save(out_dir, save_format='tf', include_optimizer=False, signatures={
@@ -79,7 +82,7 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
     f.write('\n'.join(class_labels) + '\n')
   rep = representative_pixels(fn_args.train_files, tft_out.transformed_feature_spec(), size,
                               int(cfg['model']['tflite_representative_samples']))
-  tflite_int8, tflite_fp16 = to_tflite(full, size, rep)
+  tflite_int8, tflite_fp16 = to_tflite(full, size, rep, views)
   from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   described = {}
@@ -112,15 +115,23 @@ def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: i
   return np.stack(out)
 
 
-def to_tflite(full, size: int, rep: np.ndarray):
-  """(int8 bytes, fp16 bytes); both take uint8 [1, size, size, 3] and output probabilities."""
+def to_tflite(full, size: int, rep: np.ndarray, views=('full',)):
+  """(int8 bytes, fp16 bytes); both take uint8 [1, size, size, 3] and output probabilities.
+
+  int8: the backbone is fully int8 (input uint8 0..255), but the final FULLY_CONNECTED and
+  SOFTMAX stay float. An int8 softmax outputs multiples of 1/256, so close classes tie and
+  the order of the top 5 is lost; the float head costs ~0.2 ms and 0.75 MB.
+  """
+  from tensorflow.lite.python import convert as tfl_convert  # pylint: disable=g-import-not-at-top
+  from tensorflow.lite.python import util as tfl_util  # pylint: disable=g-import-not-at-top
+
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='pixels')])
   def float_pixels(pixels):  # the int8 graph: the converter quantises this float input to uint8
-    return full(pixels, training=False)[M.CLASS_OUT]
+    return M.predict_views(full, pixels, views)[M.CLASS_OUT]
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
   def uint8_pixels(pixels):
-    return full(pixels, training=False)[M.CLASS_OUT]
+    return M.predict_views(full, pixels, views)[M.CLASS_OUT]
 
   conv = tf.lite.TFLiteConverter.from_concrete_functions(
       [float_pixels.get_concrete_function()], full)
@@ -134,9 +145,14 @@ def to_tflite(full, size: int, rep: np.ndarray):
       yield [img[None].astype(np.float32)]
 
   conv.representative_dataset = gen
-  conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-  conv.inference_input_type = tf.uint8
-  int8 = conv.convert()
+  # Selective quantisation, as tf.lite.experimental.QuantizationDebugger does it (calibrate,
+  # then quantise with a denylist), without its extra debug conversion; then uint8 input.
+  conv._experimental_calibrate_only = True  # pylint: disable=protected-access
+  calibrated = conv.convert()
+  int8 = tfl_convert.mlir_quantize(calibrated, fully_quantize=False,
+                                   denylisted_ops=['FULLY_CONNECTED', 'SOFTMAX'])
+  int8 = tfl_util.modify_model_io_type(int8, inference_input_type=tf.uint8,
+                                       inference_output_type=tf.float32)
 
   conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
       [uint8_pixels.get_concrete_function()], full)

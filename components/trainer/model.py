@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
@@ -64,6 +64,59 @@ def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
 def named(outputs: Dict) -> Dict:
   """Names a nested model's outputs `class` / `make`, so metrics read `val_class_top1`."""
   return {k: keras.layers.Activation('linear', name=k)(v) for k, v in outputs.items()}
+
+
+VIEWS = ('full', 'flip', 'crop:<fraction>')
+
+
+def parse_views(views: Sequence[str]) -> List[str]:
+  """Validates `model.serving_views`: `full` (the contract's whole photo), `flip` (mirrored),
+  `crop:<f>` (the central fraction f of each side, resized back)."""
+  if not views:
+    raise ValueError('model.serving_views: give at least one view (e.g. [full])')
+  out = []
+  for v in views:
+    v = str(v).strip()
+    if v.startswith('crop:'):
+      try:
+        frac = float(v[5:])
+      except ValueError:
+        frac = -1.0
+      if not 0.3 <= frac < 1.0:
+        raise ValueError(f'model.serving_views: {v!r} needs a fraction in [0.3, 1), e.g. crop:0.875')
+    elif v not in ('full', 'flip'):
+      raise ValueError(f'model.serving_views: unknown view {v!r} (one of {", ".join(VIEWS)})')
+    out.append(v)
+  return out
+
+
+def _view(x, view: str):
+  if view == 'full':
+    return x
+  if view == 'flip':
+    return tf.reverse(x, axis=[2])
+  size = x.shape[1:3]
+  return tf.image.resize(tf.image.central_crop(x, float(view[5:])), size, method='bilinear')
+
+
+def predict_views(full: keras.Model, pixels, views: Sequence[str]) -> Dict:
+  """{class, make} probabilities of `full`, averaged over test-time views of each photo.
+
+  The views run as one batch through the backbone; their pooled features are averaged
+  before the (linear) heads, i.e. the logits are averaged, so the softmax is computed
+  once. With only `full` this is exactly `full(pixels)`.
+  """
+  views = parse_views(views)
+  if list(views) == ['full']:
+    return dict(full(pixels, training=False))
+  x = tf.cast(pixels, tf.float32)
+  norm = full.get_layer('normalise')
+  head = full.get_layer('heads')
+  base = next(l for l in full.layers if isinstance(l, keras.Model) and l is not head)
+  feats = base(norm(tf.concat([_view(x, v) for v in views], axis=0)), training=False)
+  n_feat = int(feats.shape[-1])
+  feats = tf.reduce_mean(tf.reshape(feats, [len(views), -1, n_feat]), axis=0)
+  return dict(head(feats, training=False))
 
 
 def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:

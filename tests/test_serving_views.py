@@ -1,0 +1,74 @@
+"""Test-time views averaged inside the exported model, and the int8 TFLite's float head."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components.backbone import efficientnet_lite as el
+from components.trainer import export
+from components.trainer import model as M
+
+SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def small():
+  base = el.pretrained('efficientnet_lite0', (SIZE, SIZE, 3))  # random init: constant features
+  head = M.heads(int(base.output.shape[-1]), 7, 3, 0.0)
+  full = M.classifier(base, head, SIZE)
+  rng = np.random.default_rng(0)
+  for w in head.weights:  # distinctive head weights: the zero-initialised bias alone says little
+    w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))
+  x = rng.integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.uint8)
+  x[:, :, : SIZE // 2] //= 3  # left half darker: the mirror image is another photo
+  return full, x
+
+
+def test_bad_views_are_clear_errors():
+  assert M.parse_views(['full', 'flip', 'crop:0.875']) == ['full', 'flip', 'crop:0.875']
+  for bad, msg in (([], 'at least one'), (['mirror'], 'unknown view'), (['crop:1.5'], 'fraction'),
+                   (['crop:x'], 'fraction')):
+    with pytest.raises(ValueError, match=msg):
+      M.parse_views(bad)
+
+
+def test_views_average_logits_of_the_named_views(small):
+  full, x = small
+  plain = full(x, training=False)
+  one = M.predict_views(full, x, ['full'])
+  np.testing.assert_allclose(one[M.CLASS_OUT].numpy(), plain[M.CLASS_OUT].numpy(), atol=1e-6)
+  both = M.predict_views(full, x, ['full', 'flip'])[M.CLASS_OUT].numpy()
+  mirrored = M.predict_views(full, x[:, :, ::-1], ['full', 'flip'])[M.CLASS_OUT].numpy()
+  np.testing.assert_allclose(both, mirrored, atol=1e-5)  # a photo and its mirror: same answer
+  assert np.abs(both - plain[M.CLASS_OUT].numpy()).max() > 1e-3
+  np.testing.assert_allclose(both.sum(axis=1), 1.0, atol=1e-5)
+  # crop:0.5 is the central half of each side, resized back to the input size
+  crop = M.predict_views(full, x, ['crop:0.5'])[M.CLASS_OUT].numpy()
+  manual = tf.image.resize(tf.cast(x[:, 16:48, 16:48], tf.float32), (SIZE, SIZE))
+  np.testing.assert_allclose(crop, full(manual, training=False)[M.CLASS_OUT].numpy(), atol=1e-5)
+
+
+def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
+  from ai_edge_litert.interpreter import Interpreter
+  full, x = small
+  int8, fp16 = export.to_tflite(full, SIZE, x, ['full', 'flip'])
+  want = M.predict_views(full, x, ['full', 'flip'])[M.CLASS_OUT].numpy()
+  results = {}
+  for kind, blob in (('int8', int8), ('fp16', fp16)):
+    it = Interpreter(model_content=blob)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp['dtype'] == np.uint8 and list(inp['shape']) == [1, SIZE, SIZE, 3]
+    assert out['dtype'] == np.float32 and out['quantization'] == (0.0, 0)
+    got = []
+    for img in x:
+      it.set_tensor(inp['index'], img[None])
+      it.invoke()
+      got.append(it.get_tensor(out['index'])[0])
+    got = results[kind] = np.stack(got)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
+    assert np.abs(got - want).mean() < 0.05
+  # int8 backbone, float head: the probabilities are not multiples of 1/256 (no ties)
+  ops = {o['op_name'] for o in Interpreter(model_content=int8)._get_ops_details()}  # pylint: disable=protected-access
+  assert {'CONV_2D', 'FULLY_CONNECTED', 'SOFTMAX'} <= ops
+  q = results['int8']
+  assert not np.allclose(q * 256, np.round(q * 256), atol=1e-3)
