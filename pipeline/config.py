@@ -81,6 +81,9 @@ class ModelConfig:
   bbox_crop_prob: float = 0.0  # share of training views cropped to the car's bbox first
   feature_views: int = 2
   tflite_representative_samples: int = 200
+  # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
+  # calibration photos (QuantizationDebugger). The head (FC, softmax) is always float.
+  tflite_float_layers: int = 0
   # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
   # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
   serving_views: List[str] = dataclasses.field(default_factory=lambda: ['full'])

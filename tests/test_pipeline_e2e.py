@@ -159,6 +159,10 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
   assert card['files']['model.tflite']['bytes'] == os.path.getsize(os.path.join(v, 'model.tflite'))
   assert card['code_version'] and card['timestamps']['pushed']
   assert 0 < card['wall_seconds'] < 3600  # launcher start (ingestion included) to push
+  # what the shipped file does inside: the configured views, the layers kept float
+  assert card['contract']['test_time_views'] == cfg.model.serving_views == ['full', 'flip', 'crop:0.875']
+  kept = card['quantisation']['int8_float_layers']
+  assert len(kept) == cfg.model.tflite_float_layers == 5 and all(k['rmse_per_scale'] > 0 for k in kept)
 
 
 def test_impossible_threshold_blocks_the_push(first_run, tiny_dsn):

@@ -17,7 +17,7 @@ def small():
   full = M.classifier(base, head, SIZE)
   rng = np.random.default_rng(0)
   for w in head.weights:  # distinctive head weights: the zero-initialised bias alone says little
-    w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))
+    w.assign(rng.normal(0, 0.03, w.shape).astype(np.float32))
   x = rng.integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.uint8)
   x[:, :, : SIZE // 2] //= 3  # left half darker: the mirror image is another photo
   return full, x
@@ -50,7 +50,7 @@ def test_views_average_logits_of_the_named_views(small):
 def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
   from ai_edge_litert.interpreter import Interpreter
   full, x = small
-  int8, fp16 = export.to_tflite(full, SIZE, x, ['full', 'flip'])
+  int8, fp16, kept = export.to_tflite(full, SIZE, x, ['full', 'flip'], float_layers=2)
   want = M.predict_views(full, x, ['full', 'flip'])[M.CLASS_OUT].numpy()
   results = {}
   for kind, blob in (('int8', int8), ('fp16', fp16)):
@@ -72,3 +72,12 @@ def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
   assert {'CONV_2D', 'FULLY_CONNECTED', 'SOFTMAX'} <= ops
   q = results['int8']
   assert not np.allclose(q * 256, np.round(q * 256), atol=1e-3)
+  # the 2 layers with the largest int8 error stay float, and are named with their error
+  assert len(kept) == 2 and kept[0]['rmse_per_scale'] >= kept[1]['rmse_per_scale'] > 0
+  tensors = {t['name']: t['dtype'] for t in Interpreter(model_content=int8).get_tensor_details()}
+  for k in kept:
+    assert tensors[k['layer']] == np.float32, k
+  int8_plain, _, none_kept = export.to_tflite(full, SIZE, x, ['full'])
+  assert none_kept == []
+  plain = {t['name']: t['dtype'] for t in Interpreter(model_content=int8_plain).get_tensor_details()}
+  assert plain.get(kept[0]['layer']) in (np.int8, None)

@@ -113,6 +113,8 @@ class Executor(base_executor.BaseExecutor):
                 k: v[-1] for stage in training['history'].get('stages', {}).values()
                 if isinstance(stage, dict) for k, v in stage.items()
                 if isinstance(v, list) and k.startswith('class_')}}},
+        'quantisation': {'int8_float_layers': training['history'].get('tflite_float_layers'),
+                         'always_float': ['FULLY_CONNECTED', 'SOFTMAX']},
         'checks': judged['checks'],
         'thresholds': judged['gate'],
         'data': {'ingestion': ingest,

@@ -82,7 +82,9 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
     f.write('\n'.join(class_labels) + '\n')
   rep = representative_pixels(fn_args.train_files, tft_out.transformed_feature_spec(), size,
                               int(cfg['model']['tflite_representative_samples']))
-  tflite_int8, tflite_fp16 = to_tflite(full, size, rep, views)
+  tflite_int8, tflite_fp16, kept_float = to_tflite(
+      full, size, rep, views, float_layers=int(cfg['model'].get('tflite_float_layers') or 0))
+  history = dict(history, tflite_float_layers=kept_float)
   from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   described = {}
@@ -115,14 +117,37 @@ def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: i
   return np.stack(out)
 
 
-def to_tflite(full, size: int, rep: np.ndarray, views=('full',)):
-  """(int8 bytes, fp16 bytes); both take uint8 [1, size, size, 3] and output probabilities.
+FLOAT_OPS = ['FULLY_CONNECTED', 'SOFTMAX']  # the head stays float in the int8 model
 
-  int8: the backbone is fully int8 (input uint8 0..255), but the final FULLY_CONNECTED and
-  SOFTMAX stay float. An int8 softmax outputs multiples of 1/256, so close classes tie and
-  the order of the top 5 is lost; the float head costs ~0.2 ms and 0.75 MB.
+
+def quantisation_errors(debugger) -> List[Dict]:
+  """Per quantised layer: RMSE between its int8 and float outputs in units of its int8 scale
+  (QuantizationDebugger's layer statistics), largest first."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.StringIO()
+  debugger.layer_statistics_dump(buf)
+  buf.seek(0)
+  rows = []
+  for r in csv.DictReader(buf):
+    scale = float(r['scale'] or 0)
+    if scale > 0:
+      rows.append({'layer': r['tensor_name'], 'op': r['op_name'],
+                   'rmse_per_scale': float(np.sqrt(float(r['mean_squared_error'])) / scale)})
+  return sorted(rows, key=lambda r: -r['rmse_per_scale'])
+
+
+def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: int = 0,
+              debug_samples: int = 64):
+  """(int8 bytes, fp16 bytes, the layers kept float); both take uint8 [1, size, size, 3]
+  and output float probabilities.
+
+  int8: selective quantisation with tf.lite.experimental.QuantizationDebugger. The head
+  (FULLY_CONNECTED, SOFTMAX) stays float: an int8 softmax outputs multiples of 1/256, so
+  close classes tie and the top-5 order is lost. With `float_layers` N, the N layers whose
+  int8 outputs stray furthest from float on `debug_samples` calibration photos stay float
+  too (in EfficientNet-Lite: the stem and the first depthwise convolutions).
   """
-  from tensorflow.lite.python import convert as tfl_convert  # pylint: disable=g-import-not-at-top
   from tensorflow.lite.python import util as tfl_util  # pylint: disable=g-import-not-at-top
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='pixels')])
@@ -144,18 +169,27 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',)):
     for img in rep:
       yield [img[None].astype(np.float32)]
 
+  def debug_gen():
+    for img in rep[:debug_samples]:
+      yield [img[None].astype(np.float32)]
+
   conv.representative_dataset = gen
-  # Selective quantisation, as tf.lite.experimental.QuantizationDebugger does it (calibrate,
-  # then quantise with a denylist), without its extra debug conversion; then uint8 input.
-  conv._experimental_calibrate_only = True  # pylint: disable=protected-access
-  calibrated = conv.convert()
-  int8 = tfl_convert.mlir_quantize(calibrated, fully_quantize=False,
-                                   denylisted_ops=['FULLY_CONNECTED', 'SOFTMAX'])
-  int8 = tfl_util.modify_model_io_type(int8, inference_input_type=tf.uint8,
+  options = tf.lite.experimental.QuantizationDebugOptions
+  debugger = tf.lite.experimental.QuantizationDebugger(
+      converter=conv, debug_dataset=debug_gen, debug_options=options(denylisted_ops=FLOAT_OPS))
+  kept = []
+  if float_layers > 0:
+    debugger.run()
+    kept = quantisation_errors(debugger)[:float_layers]
+    debugger.options = options(denylisted_ops=FLOAT_OPS,
+                               denylisted_nodes=[k['layer'] for k in kept])
+  # The debugger's model has float input; the phone contract is uint8 pixels.
+  int8 = tfl_util.modify_model_io_type(debugger.get_nondebug_quantized_model(),
+                                       inference_input_type=tf.uint8,
                                        inference_output_type=tf.float32)
 
   conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
       [uint8_pixels.get_concrete_function()], full)
   conv16.optimizations = [tf.lite.Optimize.DEFAULT]
   conv16.target_spec.supported_types = [tf.float16]
-  return int8, conv16.convert()
+  return int8, conv16.convert(), kept
