@@ -2,9 +2,10 @@
 (same eval split, photos decoded once): float top-1/top-5 per view set, int8 TFLite top-1/top-5
 and its drop against float by number of layers kept float, LiteRT latency of each int8 file.
 
-  scripts/env.sh run 'python bench/serving_views.py --model runs/car_ads/Trainer/model/42/Format-Serving \
-      --transform-graph runs/car_ads/Transform/transform_graph/40 \
-      --examples runs/car_ads/Transform/transformed_examples/40 --size 300'
+  scripts/env.sh run "python bench/serving_views.py --model runs/warm/run6/Format-Serving \
+      --transform-graph runs/car_ads/Transform/transform_graph/49 \
+      --examples runs/car_ads/Transform/transformed_examples/49 --size 300 \
+      --view-sets 'full;full,flip;full,flip,crop:0.875' --float-layers 0,5"
 """
 import argparse
 import glob
