@@ -91,6 +91,7 @@ class Executor(base_executor.BaseExecutor):
     examples = input_dict.get('examples')
     dead = input_dict.get('dead_letters')
     ingest = json.loads(dead[0].get_string_custom_property('summary') or '{}') if dead else {}
+    inside = training['history'].get('serving') or {}  # views, layers kept float (export.py)
     card = {
         'name': extras.get('name', 'carvision'),
         'version': version,
@@ -99,8 +100,7 @@ class Executor(base_executor.BaseExecutor):
                               'uint8 0-255, nothing else',
                      'output': 'probabilities in labels.txt order',
                      # averaged inside the model over these views of the photo (model.serving_views)
-                     'test_time_views': ((training.get('config') or {}).get('model') or {}).get(
-                         'serving_views') or ['full'],
+                     'test_time_views': inside.get('views', ['full']),
                      'labels': len(serving.read_labels(os.path.join(tdir, serving.LABELS)))},
         'files': files,
         'metrics': {judged['split']: {
@@ -113,8 +113,8 @@ class Executor(base_executor.BaseExecutor):
                 k: v[-1] for stage in training['history'].get('stages', {}).values()
                 if isinstance(stage, dict) for k, v in stage.items()
                 if isinstance(v, list) and k.startswith('class_')}}},
-        'quantisation': {'int8_float_layers': training['history'].get('tflite_float_layers'),
-                         'always_float': ['FULLY_CONNECTED', 'SOFTMAX']},
+        'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
+                         'always_float': inside.get('int8_float_ops')},
         'checks': judged['checks'],
         'thresholds': judged['gate'],
         'data': {'ingestion': ingest,

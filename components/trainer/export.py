@@ -84,7 +84,9 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
                               int(cfg['model']['tflite_representative_samples']))
   tflite_int8, tflite_fp16, kept_float = to_tflite(
       full, size, rep, views, float_layers=int(cfg['model'].get('tflite_float_layers') or 0))
-  history = dict(history, tflite_float_layers=kept_float)
+  # What the exported files do inside (the Pusher copies this onto the model card).
+  history = dict(history, serving={'views': views, 'int8_float_ops': FLOAT_OPS,
+                                   'int8_float_layers': kept_float})
   from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   described = {}

@@ -107,7 +107,7 @@ def predict_views(full: keras.Model, pixels, views: Sequence[str]) -> Dict:
   once. With only `full` this is exactly `full(pixels)`.
   """
   views = parse_views(views)
-  if list(views) == ['full']:
+  if views == ['full']:
     return dict(full(pixels, training=False))
   x = tf.cast(pixels, tf.float32)
   norm = full.get_layer('normalise')
