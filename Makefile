@@ -12,6 +12,8 @@ demo: env
 	$(ENV) run 'python -m pipeline.cli demo --fresh'
 
 test: env
+	tests/host/test_env_sh.sh
+	tests/host/test_mediapipe.sh
 	$(ENV) run 'python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(TESTS)'
 
 lock: env

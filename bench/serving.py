@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from components import serving  # noqa: E402
+from components import names, serving  # noqa: E402
 from components.example_gen import records  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
@@ -27,7 +27,7 @@ TINY = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny', 'imag
 
 
 def _find(root, name):
-  for cand in (os.path.join(root, name), os.path.join(root, serving.TFLITE_DIR, name)):
+  for cand in (os.path.join(root, name), os.path.join(root, names.TFLITE_DIR, name)):
     if os.path.exists(cand):
       return cand
   raise FileNotFoundError(f'{name} under {root}')
@@ -50,7 +50,7 @@ def main():
       jpegs.append(data)
   jpegs = (jpegs * (args.photos // len(jpegs) + 1))[:args.photos]
   out = {'photos': len(jpegs), 'cpus': os.cpu_count(), 'machine': platform.machine()}
-  for kind, name in (('int8', serving.INT8), ('fp16', serving.FP16)):
+  for kind, name in (('int8', names.INT8), ('fp16', names.FP16)):
     path = _find(args.model, name)
     out[f'{kind}_bytes'] = os.path.getsize(path)
     for threads in (1, 2):

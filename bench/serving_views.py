@@ -1,5 +1,5 @@
 """Test-time views and selective int8 quantisation, measured on one trained model's weights
-(same eval split, photos decoded once): float top-1/top-5 per view set, int8 TFLite top-1/top-5
+(same validation split, photos decoded once): float top-1/top-5 per view set, int8 TFLite top-1/top-5
 and its drop against float by number of layers kept float, LiteRT latency of each int8 file.
 
   scripts/env.sh run "python bench/serving_views.py --model runs/warm/run6/Format-Serving \
@@ -37,7 +37,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--model', required=True, help="a Trainer output's Format-Serving")
   ap.add_argument('--transform-graph', required=True)
-  ap.add_argument('--examples', required=True, help='transformed examples (Split-eval/, Split-train/)')
+  ap.add_argument('--examples', required=True, help='transformed examples (Split-validation/, Split-train/)')
   ap.add_argument('--backbone', default='efficientnet_lite2')
   ap.add_argument('--size', type=int, default=300)
   ap.add_argument('--view-sets', default='full;full,flip;full,flip,crop:0.875')
@@ -48,7 +48,7 @@ def main():
   nc = out.vocabulary_size_by_name(F.vocab_name('class'))
   nm = out.vocabulary_size_by_name(F.vocab_name('make'))
   spec = out.transformed_feature_spec()
-  files = sorted(glob.glob(os.path.join(a.examples, 'Split-eval', '*')))
+  files = sorted(glob.glob(os.path.join(a.examples, 'Split-validation', '*')))
   xs, ys = [], []
   for x, y in task.dataset(files, spec, a.size, 64, nc, nm, training=False):
     xs.append(x.numpy())

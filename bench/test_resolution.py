@@ -1,4 +1,4 @@
-"""A trained carvision model's weights evaluated at other input sizes (same eval split):
+"""A trained carvision model's weights evaluated at other input sizes (same validation split):
 does test-time resolution alone help (the train/test resolution discrepancy)?
 
   scripts/env.sh run 'python bench/test_resolution.py --model runs/car_ads/Trainer/model/16/Format-Serving \
@@ -25,7 +25,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--model', required=True, help="a Trainer output's Format-Serving")
   ap.add_argument('--transform-graph', required=True)
-  ap.add_argument('--examples', required=True, help='transformed examples (with Split-eval/)')
+  ap.add_argument('--examples', required=True, help='transformed examples (with Split-validation/)')
   ap.add_argument('--backbone', default='efficientnet_lite2')
   ap.add_argument('--sizes', default='260,300,340')
   a = ap.parse_args()
@@ -33,7 +33,7 @@ def main():
   out = tft.TFTransformOutput(a.transform_graph)
   nc = out.vocabulary_size_by_name(F.vocab_name('class'))
   nm = out.vocabulary_size_by_name(F.vocab_name('make'))
-  files = sorted(glob.glob(os.path.join(a.examples, 'Split-eval', '*')))
+  files = sorted(glob.glob(os.path.join(a.examples, 'Split-validation', '*')))
   for size in (int(s) for s in a.sizes.split(',')):
     t = time.time()
     base = M.backbone({'backbone': a.backbone, 'weights': 'none', 'image_size': size})

@@ -2,9 +2,9 @@
 
   scripts/env.sh run 'python bench/train.py --examples DIR [--classes 40] [--budget-s 300]'
 
-DIR holds ExampleGen output (Split-train/, Split-eval/), e.g. from
+DIR holds ExampleGen output (Split-train/, Split-validation/), e.g. from
 `carvision ingest ... --out DIR` (DIR/examples). Both recipes get the same wall-clock
-budget on the same photos (the first --classes classes, train split to train, eval
+budget on the same photos (the first --classes classes, train split to train, validation
 split to score) and start from the same converted ImageNet weights:
 
   cached: the configured recipe (configs/default.yaml): the frozen lower network runs
@@ -156,9 +156,9 @@ def main():
   tf.random.set_seed(1)
   cfg = config_lib.load(args.config)
   mc = dataclasses.asdict(cfg.model)
-  all_classes = sorted({r[1] for r in load(args.examples, 'eval')})
+  all_classes = sorted({r[1] for r in load(args.examples, 'validation')})
   keep = set(all_classes[:args.classes])
-  train, ev = load(args.examples, 'train', keep), load(args.examples, 'eval', keep)
+  train, ev = load(args.examples, 'train', keep), load(args.examples, 'validation', keep)
   classes = sorted({r[1] for r in train})
   ev = [r for r in ev if r[1] in classes]
   makes = sorted({r[2] for r in train + ev})

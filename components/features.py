@@ -1,4 +1,4 @@
-"""Feature names shared by ingestion, Transform, Trainer and serving (one place to change)."""
+"""Feature and split names shared by ingestion, Transform, Trainer and serving (one place to change)."""
 IMAGE = 'image/encoded'
 HEIGHT = 'image/height'
 WIDTH = 'image/width'
@@ -19,3 +19,14 @@ def label_id(name: str) -> str:
 
 def vocab_name(name: str) -> str:
   return f'label_{name}'
+
+
+# The three ExampleGen splits (hash buckets of ad_id) and what each one is for; the model
+# card copies this.
+TRAIN, VALIDATION, TEST = 'train', 'validation', 'test'
+SPLIT_ROLES = {
+    TRAIN: 'fits the weights',
+    VALIDATION: 'chooses: early stopping, stage roll-back, the warm-start bar, the int8 '
+                'layers kept float',
+    TEST: 'judges: both deploy gates and every reported figure; never opened by the Trainer',
+}

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-TFLITE_DIR = 'tflite'      # inside a Trainer's serving model dir
-INT8, FP16, LABELS = 'model.tflite', 'model_fp16.tflite', 'labels.txt'
+from components.names import CLASS_SEP, PUSHED_SAVED_MODEL
+from components.names import INT8, LABELS, TFLITE_DIR
 
 
 def read_labels(path: str) -> List[str]:
@@ -96,14 +96,14 @@ def load(path: str, kind: str = 'auto'):
       if tf.io.gfile.exists(cand):
         return TFLiteModel(cand)
   if kind in ('auto', 'savedmodel'):
-    for cand in (path, os.path.join(path, 'saved_model')):
+    for cand in (path, os.path.join(path, PUSHED_SAVED_MODEL)):
       if tf.io.gfile.exists(os.path.join(cand, 'saved_model.pb')):
         return SavedModel(cand)
   raise FileNotFoundError(f'no {kind} model at {path}')
 
 
 def make_of(label: str) -> str:
-  return label.split('|', 1)[0]
+  return label.split(CLASS_SEP, 1)[0]
 
 
 def score(probs: np.ndarray, labels: List[str], truth: Sequence[str],

@@ -10,6 +10,14 @@ import tempfile
 
 from pipeline import config as config_lib
 
+# Exit codes (README: "Exit codes").
+EXIT_OK = 0
+EXIT_INTERNAL = 1      # a defect: one line, `--debug` shows the traceback
+EXIT_USAGE = 2         # a command-line or configuration value to fix (the message names it)
+EXIT_DATA = 3          # the source: database unreachable or refused, too many dead letters
+EXIT_NOT_BLESSED = 4   # run: a gate refused the model; evaluate: below --top1-min/--top5-min
+EXIT_SOME_INPUTS = 5   # predict: some photos could not be read (the others were answered)
+
 SAMPLE_DIR = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
 # The blessed 196-class model committed with the code (see models/car_ads/model_card.json).
 SHIPPED_MODEL = os.path.join(config_lib.REPO_ROOT, 'models', 'car_ads')
@@ -27,6 +35,7 @@ def cmd_demo(args) -> int:
   if args.fresh:
     shutil.rmtree(cfg.path(cfg.pipeline.root), ignore_errors=True)
   dsn = os.environ.get('CARVISION_DSN')
+  config_lib.check_dsn(dsn, 'CARVISION_DSN')
   with services.local_services(args.data, dsn=dsn) as svc:
     cfg.ingest.dsn, cfg.ingest.csv = svc['dsn'], None
     cfg.ingest.image_url_template = svc['image_url_template']
@@ -38,7 +47,7 @@ def cmd_demo(args) -> int:
   if args.summary_json:
     with open(args.summary_json, 'w') as f:
       json.dump(summary, f, indent=1)
-  return 0
+  return EXIT_OK
 
 
 def cmd_run(args) -> int:
@@ -50,15 +59,19 @@ def cmd_run(args) -> int:
       if args.runner == 'dataflow':
         runners.run_dataflow(cfg)
         print(run.format_summary(run.summarize(cfg)))
-        return 0
+        return EXIT_OK
       spec = runners.compile_vertex(cfg, args.output)
     except runners.CloudConfigError as e:
       print(f'error: {e}', file=sys.stderr)
-      return 2
+      return EXIT_USAGE
     print(f'wrote Vertex AI pipeline spec: {spec}')
     if args.submit:
       print(f'submitted: {runners.submit_vertex(cfg, spec)}')
-    return 0
+    return EXIT_OK
+  config_lib.check_dsn(os.environ.get('CARVISION_DSN'), 'CARVISION_DSN')
+  if not args.data and cfg.ingest.dsn:
+    from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
+    postgres.check_source(cfg.ingest.dsn, cfg.ingest.password_secret)  # before any work starts
   if args.data:
     # A data set in the car_ads format: throwaway PostgreSQL loaded from its dump, photos on loopback.
     from pipeline import services  # pylint: disable=g-import-not-at-top
@@ -73,7 +86,7 @@ def cmd_run(args) -> int:
   if args.summary_json:
     with open(args.summary_json, 'w') as f:
       json.dump(summary, f, indent=1)
-  return 0 if summary.get('blessed') else 4
+  return EXIT_OK if summary.get('blessed') else EXIT_NOT_BLESSED
 
 
 def cmd_ingest(args) -> int:
@@ -88,18 +101,21 @@ def cmd_ingest(args) -> int:
   ingest['csv'] = args.csv or (None if ingest['dsn'] else ingest['csv'])
   if args.image_url_template:
     ingest['image_url_template'] = args.image_url_template
+  config_lib.check_dsn(ingest['dsn'], '--dsn' if args.dsn else 'ingest.dsn / CARVISION_DSN')
+  config_lib.check_template(ingest['image_url_template'])
+  from pipeline import outdir  # pylint: disable=g-import-not-at-top
   beam_args = ['--runner', args.runner] + (args.beam_arg or [])
-  os.makedirs(args.out, exist_ok=True)
-  with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-    beam_ingest.build(p, ingest, os.path.join(args.out, 'examples'), args.out)
+  with outdir.fresh_output(args.out, args.overwrite) as staging:
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+      beam_ingest.build(p, ingest, os.path.join(staging, 'examples'), staging)
   summary = beam_ingest.read_summary(args.out)
   print(json.dumps(summary, sort_keys=True), flush=True)
   try:
     beam_ingest.check_share(summary, ingest['max_dead_letter_share'])
   except RuntimeError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 3
-  return 0
+    return EXIT_DATA
+  return EXIT_OK
 
 
 def cmd_export(args) -> int:
@@ -110,7 +126,9 @@ def cmd_export(args) -> int:
   dsn = args.dsn or os.environ.get('CARVISION_DSN') or cfg.ingest.dsn
   if not dsn:
     print('error: give --dsn or set CARVISION_DSN (password in PGPASSWORD)', file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+  config_lib.check_dsn(dsn, '--dsn' if args.dsn else 'CARVISION_DSN' if os.environ.get(
+      'CARVISION_DSN') else 'ingest.dsn')
   n = 0
   secret = cfg.ingest.password_secret
   with open(args.out, 'w', newline='') as f:
@@ -121,9 +139,11 @@ def cmd_export(args) -> int:
       w.writerow(['ad_id', 'position', 'p_hash', 'make', 'model', 'submodel',
                   'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'confidence'])
       seen = set()
-      for lo, hi in postgres.ad_id_ranges(dsn, 1, secret):
+      plan = postgres.plan_reads(dsn, 1, secret)
+      for lo, hi in plan['ranges']:
         for row in postgres.read_range(dsn, lo, hi, cfg.ingest.vehicle_classes,
-                                       cfg.ingest.min_confidence, password_secret=secret):
+                                       cfg.ingest.min_confidence, plan['max_id'],
+                                       password_secret=secret):
           if row.reason or (row.ad_id, row.p_hash) in seen:
             continue
           seen.add((row.ad_id, row.p_hash))
@@ -132,55 +152,114 @@ def cmd_export(args) -> int:
                       *box, '' if row.confidence is None else row.confidence])
           n += 1
       print(f'wrote {n} photos to {args.out}')
-      return 0
+      return EXIT_OK
     w.writerow(['ad_id', 'make', 'model', 'submodel', 'hashish'])
     for rec in postgres.export_rows(dsn, cfg.ingest.vehicle_classes, cfg.ingest.min_confidence):
       w.writerow(rec)
       n += 1
   print(f'wrote {n} ads to {args.out}')
-  return 0
+  return EXIT_OK
+
+
+def read_photo(path: str, max_pixels: int):
+  """(bytes, None) or (None, 'reason: detail') for one photo file, without decoding it twice:
+  unreadable files, non-JPEG content, truncated data and decompression bombs are refused."""
+  from components.example_gen import records  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    return None, f'unreadable: {e.strerror or e}'
+  reason, detail, _, _ = records.validate_image(data, max_pixels)
+  if reason:
+    return None, f'{reason}: {detail} (the model takes JPEG photos)'
+  return data, None
 
 
 def cmd_predict(args) -> int:
-  """Top-k make/model/submodel for photos (or one ad's photos together) from a pushed model."""
-  from components import serving  # pylint: disable=g-import-not-at-top
+  """Top-k make/model/submodel for photos (or one ad's photos together) from a pushed model.
+
+  A photo that cannot be read is an error line of its own (stderr, and in --json); the
+  others are still answered; the exit code is then EXIT_SOME_INPUTS.
+  """
+  from components import names, serving  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  max_pixels = config_lib.IngestConfig.max_pixels
   model = serving.load(args.model, args.kind)
-  jpegs = []
+  good, errors = [], []
   for path in args.images:
-    with open(path, 'rb') as f:
-      jpegs.append(f.read())
-  probs = model.predict_jpegs(jpegs)
-  items = [('ad', probs.mean(axis=0))] if args.ad else list(zip(args.images, probs))
+    data, error = read_photo(path, max_pixels)
+    if error:
+      errors.append({'input': path, 'error': error})
+      print(f'error: {path}: {error}', file=sys.stderr)
+    else:
+      good.append((path, data))
+  probs = model.predict_jpegs([d for _, d in good]) if good else np.zeros((0, len(model.labels)))
+  if args.ad:
+    items = [('ad', probs.mean(axis=0))] if good else []
+  else:
+    items = list(zip([p for p, _ in good], probs))
   out = []
   for name, p in items:
     top = np.argsort(-p)[:args.top_k]
     preds = []
     for i in top:
-      make, mdl, sub = (model.labels[i].split('|') + ['', '', ''])[:3]
+      make, mdl, sub = names.split_label(model.labels[i])
       preds.append({'label': model.labels[i], 'make': make, 'model': mdl, 'submodel': sub,
                     'probability': round(float(p[i]), 6)})
-    out.append({'input': name if not args.ad else list(args.images), 'top_k': preds})
+    out.append({'input': name if not args.ad else [p for p, _ in good], 'top_k': preds})
   if args.json:
-    print(json.dumps(out if len(out) > 1 or not args.ad else out[0]))
+    if args.ad:
+      print(json.dumps({**(out[0] if out else {'input': [], 'top_k': []}), 'errors': errors}))
+    else:
+      print(json.dumps(out + errors))
   else:
     for item in out:
-      print(item['input'] if not args.ad else f'ad ({len(args.images)} photos)')
+      print(item['input'] if not args.ad else f'ad ({len(good)} photos)')
       for r, pr in enumerate(item['top_k'], 1):
         print(f"  {r}. {pr['probability']:.4f}  {pr['make']} | {pr['model']} | {pr['submodel']}")
-  return 0
+  return EXIT_SOME_INPUTS if errors else EXIT_OK
+
+
+LABELS_COLUMNS = ('ad_id', 'p_hash')  # and either `class` or make, model, submodel
+
+
+def read_labels_csv(data_dir: str):
+  """The rows of <data_dir>/labels.csv, after checking the directory, the header and that
+  there is at least one row: a bad file fails before any photo is scored."""
+  import csv  # pylint: disable=g-import-not-at-top
+  path = os.path.join(data_dir, 'labels.csv')
+  if not os.path.isdir(data_dir):
+    raise config_lib.ConfigError(f'--data {data_dir}: no such directory')
+  if not os.path.isfile(path):
+    raise config_lib.ConfigError(f'--data {data_dir}: no labels.csv (columns ad_id, p_hash, '
+                                 'make, model, submodel or class; photos in images/<p_hash>.jpg)')
+  with open(path, newline='', encoding='utf-8', errors='replace') as f:
+    reader = csv.DictReader(f)
+    cols = set(reader.fieldnames or [])
+    missing = [c for c in LABELS_COLUMNS if c not in cols]
+    if 'class' not in cols:
+      missing += [c for c in ('make', 'model', 'submodel') if c not in cols]
+    if missing:
+      raise config_lib.ConfigError(f'{path}: missing columns {missing} (has {sorted(cols)})')
+    rows = list(reader)
+  if not rows:
+    raise config_lib.ConfigError(f'{path}: no rows')
+  for i, r in enumerate(rows, 2):
+    if not str(r.get('ad_id') or '').strip().lstrip('-').isdigit():
+      raise config_lib.ConfigError(f'{path}:{i}: ad_id {r.get("ad_id")!r} is not an integer')
+  return rows
 
 
 def cmd_evaluate(args) -> int:
   """top-1/top-5 per photo and per ad on a data set in the labels.csv + images/ format."""
-  import csv  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from components import serving  # pylint: disable=g-import-not-at-top
   from components.example_gen import records  # pylint: disable=g-import-not-at-top
+  cfg = _config(args)
+  rows = read_labels_csv(args.data)  # checked before the model loads or any photo is scored
   model = serving.load(args.model, args.kind)
-  with open(os.path.join(args.data, 'labels.csv')) as f:
-    rows = list(csv.DictReader(f))
   usable, skipped = [], {}
   for r in rows:
     path = os.path.join(args.data, 'images', r['p_hash'] + '.jpg')
@@ -192,14 +271,14 @@ def cmd_evaluate(args) -> int:
     else:
       with open(path, 'rb') as f:
         data = f.read()
-      reason = records.validate_image(data, 40_000_000)[0]
+      reason = records.validate_image(data, cfg.ingest.max_pixels)[0]
     if reason:
       skipped[reason] = skipped.get(reason, 0) + 1
     else:
       usable.append((r, path))
   if args.split != 'all':
     # The pipeline's split of this data set (hash of ad_id, ratios from --config).
-    splits = _config(args).ingest.splits
+    splits = cfg.ingest.splits
     usable = [(r, p) for r, p in usable if records.split_for(int(r['ad_id']), splits) == args.split]
   if args.limit:
     usable = usable[:args.limit]
@@ -215,8 +294,13 @@ def cmd_evaluate(args) -> int:
            for r, _ in usable]
   metrics = serving.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable])
   metrics['skipped'] = skipped
+  known = set(model.labels)
+  unknown = sorted({t for t in truth if t not in known})
   metrics['model'] = getattr(model, 'path', args.model)
-  checks = serving.verdicts(metrics, {'top1_accuracy': args.top1_min, 'top5_accuracy': args.top5_min})
+  ev = cfg.evaluate
+  top1_min = ev.top1_min if args.top1_min is None else args.top1_min
+  top5_min = ev.top5_min if args.top5_min is None else args.top5_min
+  checks = serving.verdicts(metrics, {'top1_accuracy': top1_min, 'top5_accuracy': top5_min})
   if args.report:
     serving.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
                          metrics, checks)
@@ -225,9 +309,23 @@ def cmd_evaluate(args) -> int:
           f"top-5 {metrics['top5_accuracy']:.4f} make {metrics['make_accuracy']:.4f}")
     ad = metrics['per_ad']
     print(f"ads {ad['examples']}: top-1 {ad['top1_accuracy']:.4f} top-5 {ad['top5_accuracy']:.4f}")
-  print(json.dumps({k: metrics[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
-                                             'make_accuracy', 'per_ad', 'skipped')}))
-  return 0
+    if unknown:
+      print(f"note: {metrics['unknown_classes']} photos are of {len(unknown)} classes the model "
+            f"does not know (counted wrong): {', '.join(unknown[:10])}")
+  passed = all(c['pass'] for c in checks.values())
+  if not args.json:
+    for name, c in checks.items():
+      print(f"  {name:<16} {c['value']:.4f}  threshold >= {c['threshold']:.2f}  "
+            f"{'PASS' if c['pass'] else 'FAIL'}")
+    print('verdict: ' + ('PASS' if passed else 'FAIL'))
+  if not args.json:
+    return EXIT_OK if passed else EXIT_NOT_BLESSED
+  print(json.dumps({**{k: metrics[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
+                                               'make_accuracy', 'per_ad', 'skipped',
+                                               'unknown_classes')},
+                    'unknown_class_names': unknown[:50],
+                    'checks': checks, 'passed': passed}))
+  return EXIT_OK if passed else EXIT_NOT_BLESSED
 
 
 def cmd_convert(args) -> int:
@@ -238,7 +336,7 @@ def cmd_convert(args) -> int:
     if not args.checkpoint:
       print('error: EfficientNet-B needs --checkpoint (an official TF checkpoint prefix)',
             file=sys.stderr)
-      return 2
+      return EXIT_USAGE
     size = args.image_size or tc.VARIANTS[args.backbone][2]
     model = tc.pretrained(args.backbone, args.checkpoint, (size, size, 3))
   else:
@@ -246,12 +344,45 @@ def cmd_convert(args) -> int:
     model = el.pretrained(args.backbone, (size, size, 3), include_top=True)
   model.save(args.out, save_format='tf', include_optimizer=False)
   print(f'wrote {args.backbone} ({model.count_params():,} parameters, {size} px) to {args.out}')
-  return 0
+  return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    v = 0
+  if v < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= 1')
+  return v
+
+
+def _fraction(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    v = -1.0
+  if not 0.0 <= v <= 1.0:
+    raise argparse.ArgumentTypeError(f'{text!r}: a fraction between 0 and 1')
+  return v
+
+
+def _version() -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return metadata.version('carvision')
+  except metadata.PackageNotFoundError:
+    import re  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(config_lib.REPO_ROOT, 'setup.py')) as f:
+      return re.search(r"version='([^']+)'", f.read()).group(1)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='carvision', description=__doc__)
-  sub = parser.add_subparsers(dest='command', required=True)
+  parser.add_argument('--version', action='version', version=f'carvision {_version()}')
+  parser.add_argument('--debug', action='store_true',
+                      help='on an error, also print the Python traceback')
+  sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   def common(p, default_config='default'):
     p.add_argument('--config', default=default_config, help='configs/<name>.yaml or a path')
@@ -280,7 +411,8 @@ def main(argv=None) -> int:
   p.add_argument('--dsn', help='libpq DSN without password (PGPASSWORD carries it)')
   p.add_argument('--csv', help='cars.csv file pattern')
   p.add_argument('--image-url-template', help='e.g. https://host/images/{p_hash}.jpg')
-  p.add_argument('--out', required=True)
+  p.add_argument('--out', required=True, help='a new or empty local directory (written whole)')
+  p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
   p.add_argument('--runner', default='DirectRunner')
   p.add_argument('--beam-arg', action='append', help='extra Beam pipeline option')
   p.set_defaults(fn=cmd_ingest)
@@ -298,7 +430,7 @@ def main(argv=None) -> int:
                  help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
   p.add_argument('images', nargs='+')
-  p.add_argument('--top-k', type=int, default=5)
+  p.add_argument('--top-k', type=_positive_int, default=5)
   p.add_argument('--ad', action='store_true', help='the photos are one ad: one aggregated answer')
   p.add_argument('--json', action='store_true')
   p.set_defaults(fn=cmd_predict)
@@ -309,12 +441,13 @@ def main(argv=None) -> int:
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
   p.add_argument('--data', required=True, help='a directory with labels.csv and images/')
   p.add_argument('--report', help='write report.html + report.png into this directory')
-  p.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
-                 help="only the ads the pipeline's split puts here (use eval on a training data set)")
+  p.add_argument('--split', default='all', choices=['all', 'train', 'validation', 'test'],
+                 help="only the ads the pipeline's split (ingest.splits of --config) puts here; "
+                      "use test on a data set the model was trained from")
   p.add_argument('--limit', type=int, help='first N usable photos only')
-  p.add_argument('--top1-min', type=float, default=0.80)
-  p.add_argument('--top5-min', type=float, default=0.95)
-  p.add_argument('--json', action='store_true', help='no progress bar; JSON only')
+  p.add_argument('--top1-min', type=_fraction, help='gate (default: evaluate.top1_min of --config)')
+  p.add_argument('--top5-min', type=_fraction, help='gate (default: evaluate.top5_min of --config)')
+  p.add_argument('--json', action='store_true', help='one JSON line on stdout, no progress bar')
   p.set_defaults(fn=cmd_evaluate)
 
   p = sub.add_parser('convert', help='convert_efficientnet: ImageNet weights -> a Keras SavedModel')
@@ -329,16 +462,43 @@ def main(argv=None) -> int:
   return args.fn(args)
 
 
+def explain(e: BaseException) -> tuple:
+  """(exit code, one line) for an error that reached the command line."""
+  first = (str(e).strip().splitlines() or [''])[0]
+  if isinstance(e, config_lib.ConfigError):
+    return EXIT_USAGE, f'error: {first}'
+  try:
+    import psycopg2  # pylint: disable=g-import-not-at-top
+    if isinstance(e, psycopg2.Error):
+      return EXIT_DATA, (f'error: database: {first} (check ingest.dsn / --dsn / CARVISION_DSN, '
+                         'PGPASSWORD, and that the server is up)')
+  except ImportError:
+    pass
+  if 'psycopg2.' in str(e) and 'Error' in str(e):  # raised inside a pipeline component
+    return EXIT_DATA, f'error: database: {first} (check the database, ingest.dsn and PGPASSWORD)'
+  if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+    return EXIT_USAGE, f'error: {e.strerror or first}: {e.filename}' if e.filename else f'error: {first}'
+  if isinstance(e, RuntimeError) and first.startswith('ingestion'):
+    return EXIT_DATA, f'error: {first}'
+  return EXIT_INTERNAL, f'error: {type(e).__name__}: {first} (rerun with --debug for the traceback)'
+
+
 def entry() -> None:
-  """Console-script entry: exits without interpreter teardown (see README, exit 139)."""
+  """Console-script entry: one line per error (the traceback with --debug), named exit
+  codes; exits without interpreter teardown (see README, exit 139)."""
+  debug = '--debug' in sys.argv[1:]
   try:
     rc = main()
   except SystemExit as e:
     rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-  except Exception:  # pylint: disable=broad-except
-    import traceback  # pylint: disable=g-import-not-at-top
-    traceback.print_exc()
-    rc = 1
+  except KeyboardInterrupt:
+    rc = 130
+  except Exception as e:  # pylint: disable=broad-except
+    if debug:
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+    rc, line = explain(e)
+    print(line, file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(rc)  # pylint: disable=protected-access

@@ -9,9 +9,27 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional
+import re
+from typing import Annotated, Any, Dict, List, Optional
 
+import pydantic
+import pydantic.dataclasses
 import yaml
+
+from components.backbone import efficientnet_lite, tf_checkpoint
+from components.views import parse_views
+
+from components.errors import UserError
+from components.features import SPLIT_ROLES
+
+# `split_for` takes names in sorted order, so {test: 20, train: 70, validation: 10} puts in
+# `test` exactly the ads that the old {train: 80, eval: 20} put in `eval`.
+OLD_SPLITS_HINT = ("the two-split layout {train, eval} was replaced by {train, validation, test}: "
+                   "{train: 80, eval: 20} becomes {train: 70, validation: 10, test: 20} "
+                   "(test = the old eval ads)")
+
+ConfigError = UserError  # a configuration or command-line value; the message names it
+SECRET_KEYS = ('dsn',)   # their values are never echoed in an error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
@@ -20,104 +38,138 @@ if not os.path.isdir(CONFIG_DIR):  # installed from a wheel: setup.py's data_fil
   CONFIG_DIR = os.path.join(sys.prefix, 'carvision', 'configs')
 
 
-@dataclasses.dataclass
+# Every section is a pydantic dataclass: values are checked (types, ranges, choices) when a
+# config is built or a field is assigned, and unknown keys are errors. One source of defaults.
+_STRICT = pydantic.ConfigDict(extra='forbid', validate_assignment=True)
+Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
+Positive = Annotated[int, pydantic.Field(gt=0)]
+NonNegative = Annotated[int, pydantic.Field(ge=0)]
+Seconds = Annotated[float, pydantic.Field(gt=0.0)]
+BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
+TRAINABLE = ('none', 'top_blocks', 'all')
+
+
+def _one_of(values):
+  def check(v):
+    if v not in values:
+      raise ValueError(f'one of {", ".join(values)}')
+    return v
+  return pydantic.AfterValidator(check)
+
+
+def _check(fn):
+  """A plain check (raising ValueError) as a pydantic validator."""
+  def run(v):
+    if v is not None:
+      fn(v)
+    return v
+  return pydantic.AfterValidator(run)
+
+
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class HttpConfig:
-  concurrency: int = 32
-  connect_timeout_s: float = 5.0
-  read_timeout_s: float = 20.0
-  retries: int = 3
-  backoff_factor: float = 0.2
-  max_bytes: int = 64 << 20                 # larger bodies are dead letters (too_large)
+  concurrency: Positive = 32
+  connect_timeout_s: Seconds = 5.0
+  read_timeout_s: Seconds = 20.0           # longest gap between two bytes
+  deadline_s: Seconds = 60.0               # a whole fetch (retries included), or a `timeout` dead letter
+  retries: NonNegative = 3
+  backoff_factor: Annotated[float, pydantic.Field(ge=0.0)] = 0.2
+  max_bytes: Positive = 64 << 20           # larger bodies are dead letters (too_large)
   # Job-wide request budget for the photo host, split evenly over `workers` (the most
   # fetching workers that run at once, e.g. Dataflow max_num_workers); None = no limit.
-  max_requests_per_s: Optional[float] = None
-  workers: int = 1
+  max_requests_per_s: Optional[Seconds] = None
+  workers: Positive = 1
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class IngestConfig:
-  dsn: Optional[str] = None
+  dsn: Annotated[Optional[str], _check(lambda v: check_dsn(v))] = None
   csv: Optional[str] = None
-  image_url_template: str = 'http://127.0.0.1:8000/{p_hash}.jpg'
+  image_url_template: Annotated[str, _check(lambda v: check_template(v))] = (
+      'http://127.0.0.1:8000/{p_hash}.jpg')
   vehicle_classes: List[str] = dataclasses.field(
       default_factory=lambda: ['car', 'truck', 'motorbike', 'bus'])
-  min_confidence: float = 0.0
-  p_hash_pattern: str = '^[0-9a-f]{16}$'
-  partitions: int = 8
+  min_confidence: Fraction = 0.0
+  p_hash_pattern: Annotated[str, _check(lambda v: _regex(v))] = '^[0-9a-f]{16}$'
+  partitions: Positive = 8
   http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
-  max_pixels: int = 40_000_000
-  splits: Dict[str, int] = dataclasses.field(
-      default_factory=lambda: {'train': 80, 'eval': 20})
-  max_dead_letter_share: float = 0.10
-  span: Optional[int] = None  # csv with {SPAN}: read this span (default: the latest)
+  max_pixels: Positive = 40_000_000
+  # Hash buckets by ad_id (weights, any positive integers): `train` fits the weights,
+  # `validation` chooses (early stopping, roll-back, warm-start bar, float layers),
+  # `test` judges (gates, reported figures). See components.features.SPLIT_ROLES.
+  splits: Annotated[Dict[str, Any], _check(lambda v: check_splits(v))] = dataclasses.field(
+      default_factory=lambda: {'train': 70, 'validation': 10, 'test': 20})
+  max_dead_letter_share: Fraction = 0.10
+  span: Optional[NonNegative] = None  # csv with {SPAN}: read this span (default: the latest)
   # Secret Manager version holding the database password, read by each worker when
   # PGPASSWORD is not set (Dataflow/Vertex); e.g. projects/p/secrets/pg/versions/latest.
   password_secret: Optional[str] = None
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class StageConfig:
   name: str = 'head'
-  trainable: str = 'none'  # none | top_blocks | all
-  epochs: int = 1
-  learning_rate: float = 1e-3
-  top_blocks: int = 2
+  trainable: Annotated[str, _one_of(TRAINABLE)] = 'none'
+  epochs: Positive = 1
+  learning_rate: Seconds = 1e-3
+  top_blocks: Positive = 2
   # top_blocks only: train on activations of the frozen lower network computed once
   # (with the frozen stage's views) instead of running the whole network every step.
   cached: bool = False
-  patience: Optional[int] = None  # early stopping for this stage; default model.early_stopping_patience
+  patience: Optional[NonNegative] = None  # early stopping for this stage; default model.early_stopping_patience
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class ModelConfig:
-  backbone: str = 'efficientnet_lite2'
+  backbone: Annotated[str, _one_of(BACKBONES)] = 'efficientnet_lite2'
   weights: str = 'imagenet'
-  image_size: int = 260
-  batch_size: int = 32
-  label_smoothing: float = 0.1
-  dropout: float = 0.3
+  image_size: Annotated[int, pydantic.Field(ge=32, le=1024)] = 260
+  batch_size: Positive = 32
+  label_smoothing: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.1
+  dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
-  early_stopping_patience: int = 3
-  bbox_crop_prob: float = 0.0  # share of training views cropped to the car's bbox first
-  feature_views: int = 2
-  tflite_representative_samples: int = 200
+  early_stopping_patience: NonNegative = 3
+  bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
+  feature_views: Positive = 2
+  tflite_representative_samples: Positive = 200
   # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
-  # calibration photos (QuantizationDebugger). The head (FC, softmax) is always float.
-  tflite_float_layers: int = 0
+  # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
+  tflite_float_layers: NonNegative = 0
   # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
   # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
-  serving_views: List[str] = dataclasses.field(default_factory=lambda: ['full'])
+  serving_views: Annotated[List[str], _check(parse_views)] = dataclasses.field(
+      default_factory=lambda: ['full'])
   # A Trainer output (`.../Trainer/model/<id>`) or pushed version (`<push.dir>/<version>`) whose
   # weights start this training (same backbone, size and label vocabulary): resume across runs.
-  warm_start: Optional[str] = None
+  warm_start: Annotated[Optional[str], _check(lambda v: check_local_path(v))] = None
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class EvaluateConfig:
-  top1_min: float = 0.80
-  top5_min: float = 0.95
-  max_regression: float = 0.01
-  max_int8_drop: float = 0.01   # int8 TFLite top-1 may trail the float model by at most this
+  top1_min: Fraction = 0.80
+  top5_min: Fraction = 0.95
+  max_regression: Fraction = 0.01
+  max_int8_drop: Fraction = 0.01   # int8 TFLite top-1 may trail the float model by at most this
   slice_by: List[str] = dataclasses.field(default_factory=list)
   tfma: bool = True             # also gate the float SavedModel with TFMA's Evaluator
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class PipelineSection:
-  name: str = 'carvision'
+  name: Annotated[str, pydantic.Field(pattern=r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')] = 'carvision'
   root: str = 'runs/carvision'
   metadata: str = 'runs/carvision/metadata.sqlite'
   enable_cache: bool = False
   beam_args: List[str] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class PushConfig:
   dir: str = 'runs/carvision/serving'
   license: str = ''             # written into the model card and the TFLite metadata
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class CloudConfig:
   """Google Cloud: Dataflow for the Beam components, Vertex AI Pipelines for orchestration."""
   project: Optional[str] = None
@@ -126,8 +178,8 @@ class CloudConfig:
   temp_location: Optional[str] = None    # gs://bucket/tmp
   staging_location: Optional[str] = None  # gs://bucket/staging
   machine_type: str = 'n1-standard-4'
-  max_num_workers: int = 20
-  disk_size_gb: int = 50
+  max_num_workers: Positive = 20
+  disk_size_gb: Positive = 50
   experiments: List[str] = dataclasses.field(default_factory=lambda: ['use_runner_v2'])
   service_account: Optional[str] = None
   subnetwork: Optional[str] = None       # reaches Cloud SQL's private IP
@@ -135,7 +187,7 @@ class CloudConfig:
   vertex_spec: str = 'runs/vertex/carvision_pipeline.json'
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class Config:
   pipeline: PipelineSection = dataclasses.field(default_factory=PipelineSection)
   ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
@@ -155,26 +207,88 @@ class Config:
     return os.path.join(REPO_ROOT, p)
 
 
-def _build(cls, data: Dict[str, Any]):
-  """Builds a dataclass from a dict, rejecting unknown keys (typos fail loudly)."""
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = set(data) - set(fields)
-  if unknown:
-    raise ValueError(f'unknown {cls.__name__} keys: {sorted(unknown)}')
-  kwargs = {}
-  for name, value in data.items():
-    ftype = fields[name].type
-    sub = {'HttpConfig': HttpConfig, 'IngestConfig': IngestConfig,
-           'ModelConfig': ModelConfig, 'EvaluateConfig': EvaluateConfig,
-           'PipelineSection': PipelineSection, 'PushConfig': PushConfig,
-           'CloudConfig': CloudConfig}.get(
-               ftype if isinstance(ftype, str) else getattr(ftype, '__name__', ''))
-    if sub is not None and isinstance(value, dict):
-      value = _build(sub, value)
-    elif name == 'stages':
-      value = [_build(StageConfig, s) for s in value]
-    kwargs[name] = value
-  return cls(**kwargs)
+def _where(loc) -> str:
+  """pydantic's error location (('model', 'stages', 0, 'epochs')) as a dotted key."""
+  out = ''
+  for part in loc:
+    if isinstance(part, int):
+      out += f'[{part}]'
+    elif not str(part).startswith('function-'):
+      out += ('.' if out else '') + str(part)
+  return out
+
+
+def _explain(e: pydantic.ValidationError, prefix: str = '') -> ConfigError:
+  """One line per problem: the key, the value given and what is allowed."""
+  lines = []
+  for err in e.errors():
+    msg = err['msg'].removeprefix('Value error, ')
+    key = '.'.join(p for p in (prefix, _where(err['loc'])) if p)
+    value = '=<hidden>' if key.split('.')[-1] in SECRET_KEYS else f"={err.get('input')!r}"
+    if err['type'] == 'unexpected_keyword_argument':
+      lines.append(f'{key}: unknown key')
+    elif err['type'] == 'dataclass_type':
+      lines.append(f'{key}{value}: a section (a mapping of keys)')
+    elif msg.startswith(key):  # our own checks name the key already
+      lines.append(msg)
+    else:
+      lines.append(f'{key}{value}: {msg}')
+  return ConfigError('; '.join(lines) or str(e))
+
+
+def _regex(v: str) -> None:
+  try:
+    re.compile(v)
+  except re.error as e:
+    raise ValueError(f'not a regular expression: {e}') from None
+
+
+def check_local_path(v: str) -> None:
+  """A local path that must exist now, not after four components ran (gs:// is not checked)."""
+  if '://' not in v and not os.path.exists(os.path.join(REPO_ROOT, v)):
+    raise ValueError('no such file or directory')
+
+
+def check_dsn(dsn: Optional[str], setting: str = 'ingest.dsn') -> None:
+  """A libpq DSN (key=value or URI) must parse and must not carry the password: a DSN is
+  stored in ML Metadata, on the model card and in job specs; libpq reads PGPASSWORD."""
+  if not dsn:
+    return
+  import psycopg2.extensions  # pylint: disable=g-import-not-at-top
+  try:
+    parts = psycopg2.extensions.parse_dsn(dsn)
+  except psycopg2.ProgrammingError as e:
+    raise ConfigError(f'{setting}: not a libpq connection string '
+                      f'(host=... dbname=... or postgresql://host/db): {str(e).strip()}') from None
+  if parts.get('password') is not None:
+    raise ConfigError(f'{setting} contains a password: remove it and set PGPASSWORD '
+                      '(or ingest.password_secret on Dataflow/Vertex); a DSN is stored in ML '
+                      'Metadata and on the model card')
+
+
+def check_template(template: str, setting: str = 'ingest.image_url_template') -> None:
+  """Each photo's location is the template with {p_hash} filled in."""
+  if not isinstance(template, str) or '{p_hash}' not in template:
+    raise ConfigError(f'{setting}={template!r}: must contain {{p_hash}}, e.g. '
+                      'https://host/images/{p_hash}.jpg')
+  try:
+    template.format(p_hash='0' * 16)
+  except (KeyError, IndexError, ValueError) as e:
+    raise ConfigError(f'{setting}={template!r}: only {{p_hash}} may be in braces ({e})') from None
+
+
+def check_splits(splits: Any) -> Dict[str, int]:
+  """`ingest.splits` must name exactly train, validation and test with positive weights."""
+  if not isinstance(splits, dict):
+    raise ConfigError(f'ingest.splits={splits!r}: a mapping {{train, validation, test}} -> weight')
+  if 'eval' in splits:
+    raise ConfigError(f'ingest.splits={splits!r}: {OLD_SPLITS_HINT}')
+  if set(splits) != set(SPLIT_ROLES):
+    raise ConfigError(f'ingest.splits={splits!r}: needs exactly the splits {sorted(SPLIT_ROLES)}')
+  for name, w in splits.items():
+    if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+      raise ConfigError(f'ingest.splits.{name}={w!r}: a positive integer weight')
+  return splits
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -204,7 +318,7 @@ def resolve_path(name_or_path: str) -> str:
   for c in (candidate, candidate + '.yaml'):
     if os.path.exists(c):
       return c
-  raise FileNotFoundError(f'no config {name_or_path!r} (looked in {CONFIG_DIR})')
+  raise ConfigError(f'--config: no config {name_or_path!r} (looked in {CONFIG_DIR})')
 
 
 def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
@@ -220,19 +334,28 @@ def load(name_or_path: str = 'default', overrides: Optional[Dict[str, Any]] = No
   data = _read(path)
   for k, v in (overrides or {}).items():
     _set_dotted(data, k, v)
-  cfg = _build(Config, data)
+  cfg = build(data)
   cfg.source_file = os.path.abspath(path)
   return cfg
 
 
+def build(data: Dict[str, Any]) -> Config:
+  """A Config from plain data (YAML, JSON); every problem is named on one ConfigError line."""
+  if not isinstance(data, dict):
+    raise ConfigError(f'a config is a mapping of sections, got {type(data).__name__}')
+  try:
+    return Config(**data)
+  except pydantic.ValidationError as e:
+    raise _explain(e) from None
+
+
 def from_json(text: str) -> Config:
-  data = json.loads(text)
-  return _build(Config, data)
+  return build(json.loads(text))
 
 
 def parse_override(item: str):
   """`a.b=value` with a YAML-typed value."""
   key, _, raw = item.partition('=')
   if not key or not _:
-    raise ValueError(f'override must be key=value, got {item!r}')
+    raise ConfigError(f'--set: override must be key=value, got {item!r}')
   return key, yaml.safe_load(raw)

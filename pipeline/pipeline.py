@@ -24,7 +24,7 @@ FLOAT32_SLACK = 1e-6
 
 
 def eval_config(cfg: Config) -> tfma.EvalConfig:
-  """The deploy gate on the eval split: top-1 / top-5 floors from config, and no regression
+  """The deploy gate on the test split: top-1 / top-5 floors from config, and no regression
   of top-1 beyond `evaluate.max_regression` against the latest blessed model.
 
   TFMA applies a MetricConfig's thresholds to every slice, so `evaluate.slice_by` slices
@@ -73,7 +73,9 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
   transform = tfx.components.Transform(
       examples=example_gen.outputs['examples'], schema=schema_gen.outputs['schema'],
       preprocessing_fn='components.transform.preprocessing_fn',
-      splits_config=tfx.proto.SplitsConfig(analyze=['train'], transform=['train', 'eval']))
+      # The test split is never transformed: nothing downstream of Transform (the Trainer)
+      # can open it. The gates read it from ExampleGen's raw examples.
+      splits_config=tfx.proto.SplitsConfig(analyze=['train'], transform=['train', 'validation']))
 
   trainer = tfx.components.Trainer(
       run_fn='components.trainer.task.run_fn',
@@ -81,7 +83,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
       transform_graph=transform.outputs['transform_graph'],
       schema=schema_gen.outputs['schema'],
       train_args=tfx.proto.TrainArgs(splits=['train']),
-      eval_args=tfx.proto.EvalArgs(splits=['eval']),
+      eval_args=tfx.proto.EvalArgs(splits=['validation']),  # everything the Trainer chooses
       # Only the model section: a gate or push change must not invalidate a cached Trainer.
       custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
                                            'license': cfg.push.license}, sort_keys=True)})
@@ -96,10 +98,10 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
   ).with_id('latest_blessed_model_resolver')
 
   ev = cfg.evaluate
-  # The deploy gate on what ships: the int8 TFLite on the eval split (+ parity with float).
+  # The deploy gate on what ships: the int8 TFLite on the test split (+ parity with float).
   tflite_evaluator = TFLiteEvaluator(
       examples=example_gen.outputs['examples'], model=trainer.outputs['model'],
-      baseline_model=model_resolver.outputs['model'],
+      baseline_model=model_resolver.outputs['model'], split='test',
       gate_config=json.dumps({'top1_min': ev.top1_min, 'top5_min': ev.top5_min,
                               'max_regression': ev.max_regression,
                               'max_int8_drop': ev.max_int8_drop}, sort_keys=True))
@@ -111,7 +113,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
         model=trainer.outputs['model'],
         baseline_model=model_resolver.outputs['model'],
         eval_config=eval_config(cfg),
-        example_splits=['eval'])
+        example_splits=['test'])
 
   pusher = VersionedPusher(
       model=trainer.outputs['model'],

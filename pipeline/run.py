@@ -118,7 +118,7 @@ def summarize(cfg: Config) -> Dict[str, Any]:
                       'pass': metrics.get(k) is not None and k not in failed,
                       'failure': failed.get(k)}
                   for k, v in thresholds.items()} if cfg.evaluate.tfma else {},
-      'eval_examples': metrics.get('example_count', m.get('examples')),
+      'test_examples': metrics.get('example_count', m.get('examples')),
       'blessed': blessed,
       'pushed': bool(_prop(pushed, 'pushed', 0)),
       'pushed_to': _prop(pushed, 'pushed_destination') if _prop(pushed, 'pushed', 0) else None,
@@ -168,9 +168,9 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines.append(f'  dropped {reason:<22} {n}')
   if s.get('dead_letters_uri'):
     lines.append(f"  dead-letter records: {s['dead_letters_uri']}/dead_letters/")
-  n_eval = s.get('eval_examples')
-  lines.append(f"evaluation on the eval split ({'n/a' if n_eval is None else int(n_eval)} photos, "
-               "held-out ads):")
+  n_test = s.get('test_examples')
+  lines.append(f"evaluation on the test split ({'n/a' if n_test is None else int(n_test)} photos, "
+               "ads never seen by the Trainer):")
   if s.get('int8_gate'):
     lines.append('  int8 TFLite (the shipped file):')
     for name, c in s['int8_gate'].items():

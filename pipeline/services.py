@@ -98,7 +98,9 @@ def load_sql(dsn: str, sql_file: str) -> None:
 
 
 # A fault: called with the p_hash; returns (status, body) to answer instead of the file,
-# (None, seconds) to hang and close without answering, or None to serve the file.
+# (None, seconds) to hang and close without answering, ('trickle', seconds) to send the
+# file one byte every `seconds` (a slow host that never trips a read timeout; it gives up
+# after 60 s or when the client goes), or None to serve the file.
 Fault = Callable[[str], Optional[tuple]]
 
 
@@ -135,6 +137,9 @@ class ImageHost:
             time.sleep(body)
             self.close_connection = True
             return
+          if status == 'trickle':
+            self._trickle(os.path.join(host.directory, name), float(body))
+            return
           self.send_response(status)
           self.send_header('Content-Type', 'image/jpeg')
           self.send_header('Content-Length', str(len(body)))
@@ -142,6 +147,25 @@ class ImageHost:
           self.wfile.write(body)
           return
         super().do_GET()
+
+      def _trickle(self, path, every_s):
+        with open(path, 'rb') as f:
+          data = f.read()
+        self.send_response(200)
+        self.send_header('Content-Type', 'image/jpeg')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.close_connection = True
+        end = time.monotonic() + 60.0
+        for i in range(len(data)):
+          if time.monotonic() > end:
+            return
+          try:
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+          except OSError:  # the client gave up
+            return
+          time.sleep(every_s)
 
     self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.server.daemon_threads = True

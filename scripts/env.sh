@@ -101,19 +101,46 @@ ensure() {
   log "environment ready in $((SECONDS - t0)) s ($(du -sh --one-file-system "$TARGET" | cut -f1))"
 }
 
-# Variables passed into the environment (secrets such as PGPASSWORD included,
-# never printed).
-pass_env() {
-  local v
+# Names of the variables passed into the environment (secrets such as PGPASSWORD
+# included). Only names travel on command lines: the values are inherited through the
+# process environment, so no other local user can read them in /proc/*/cmdline.
+pass_names() {
+  local v out=()
   for v in $(compgen -e); do
-    case "$v" in CARVISION_*|PG*|DATABASE_URL|CI|TERM|COLUMNS|PYTEST_ADDOPTS|GOOGLE_*|CLOUDSDK_*) printf '%s=%s\0' "$v" "${!v}";; esac
+    case "$v" in CARVISION_*|PG*|DATABASE_URL|CI|TERM|COLUMNS|PYTEST_ADDOPTS|GOOGLE_*|CLOUDSDK_*) out+=("$v");; esac
   done
+  echo "${out[*]:-}"
+}
+
+system_dir() {  # a directory the environment has of its own (mounting over it breaks it)
+  case "/${1#/}/" in /bin/*|/boot/*|/dev/*|/etc/*|/lib/*|/lib64/*|/opt/*|/proc/*|/run/*|/sbin/*|/sys/*|/usr/*|/var/*|//) return 0;; esac
+  return 1
 }
 
 run() {
   ensure
-  local cwd; cwd=$(pwd)
-  case "$cwd" in "$REPO"*) ;; *) cwd=$REPO;; esac
+  # CARVISION_MOUNTS: host paths (one a line; names only) the command reads or writes
+  # outside the repository (bin/carvision lists its arguments' directories and the
+  # caller's directory): each is bind-mounted at the same path, so paths mean inside
+  # what they mean outside. System directories of the environment are refused.
+  # CARVISION_CWD=1: the caller's directory too (skipped when it is a system directory).
+  local mounts=() m cwd; cwd=$(pwd)
+  while IFS= read -r m; do
+    [ -n "$m" ] || continue
+    case "$m" in /*) ;; *) log "CARVISION_MOUNTS: $m is not an absolute path"; exit 2;; esac
+    m=$(realpath -m "$m")
+    case "$m" in "$REPO"|"$REPO"/*) continue;; esac
+    if system_dir "$m"; then
+      [ "$m" = "$cwd" ] && continue
+      log "cannot reach $m from inside the environment (a system directory there): copy it elsewhere, e.g. /tmp"; exit 2
+    fi
+    [ -d "$m" ] && mounts+=("$m")
+  done <<<"${CARVISION_MOUNTS:-}${CARVISION_CWD:+$'\n'$cwd}"
+  case "$cwd" in
+    "$REPO"|"$REPO"/*) ;;
+    *) local inside=""; for m in "${mounts[@]}"; do case "$cwd/" in "$m"/*) inside=1;; esac; done
+       [ -n "$inside" ] || cwd=$REPO;;
+  esac
   local common=(TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH="$REPO" PYTHONDONTWRITEBYTECODE=1 CARVISION_REPO="$REPO")
   if [ "$MODE" = venv ]; then
     (cd "$cwd" && env "${common[@]}" PATH="$TARGET/bin:$PATH" bash -c "$*")
@@ -121,19 +148,22 @@ run() {
   fi
   local shared; shared=$(cd "$REPO/.." && pwd)/shared
   [ -d "$shared" ] || shared=""
-  local envs=(); while IFS= read -r -d '' kv; do envs+=("$kv"); done < <(pass_env)
   unshare --mount --propagation private -- /bin/bash -ec '
-    R=$1; P=$2; S=$3; C=$4; shift 4
+    R=$1; P=$2; S=$3; KEEP=" $4 "; MOUNTS=$5; shift 5
     mount -t proc proc "$R/proc"
     mount -t sysfs sysfs "$R/sys"
     mount --rbind /dev "$R/dev"
+    # the caller'"'"'s paths first, so the repository and shared/ stay on top of them
+    while IFS= read -r m; do [ -n "$m" ] && mkdir -p "$R$m" && mount --bind "$m" "$R$m"; done <<<"$MOUNTS"
     mkdir -p "$R$P" "$R/tmp/carvision"; mount --bind "$P" "$R$P"
     if [ -n "$S" ]; then mkdir -p "$R$S"; mount --bind "$S" "$R$S"; mount -o remount,bind,ro "$R$S" 2>/dev/null || true; fi
     cp -L /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
     chmod 1777 "$R/tmp"
-    exec chroot "$R" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TMPDIR=/tmp/carvision \
-      PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"' \
-    _ "$TARGET" "$REPO" "$shared" "$cwd" "${common[@]}" "${envs[@]}" /bin/bash -c 'cd "$0" && eval "$1"' "$cwd" "$*"
+    for v in $(compgen -e); do case "$KEEP" in *" $v "*) ;; *) unset "$v" 2>/dev/null || true;; esac; done
+    export HOME=/root LANG=C.UTF-8 TMPDIR=/tmp/carvision \
+      PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    exec /usr/sbin/chroot "$R" /usr/bin/env "$@"' \
+    _ "$TARGET" "$REPO" "$shared" "$(pass_names)" "$(printf '%s\n' "${mounts[@]}")" "${common[@]}" /bin/bash -c 'cd "$0" && eval "$1"' "$cwd" "$*"
 }
 
 case "${1:-}" in

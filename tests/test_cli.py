@@ -64,3 +64,139 @@ def test_export_per_image_has_bbox_and_confidence(tmp_path, tiny_dsn):
   for r in rows:
     x1, y1, x2, y2 = (float(r[k]) for k in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2'))
     assert x1 < x2 and y1 < y2 and 0.0 < float(r['confidence']) <= 1.0
+
+
+def _one_line_error(res, code, *fragments):
+  """A user error: the named exit code, one `error:` line naming the problem, no traceback."""
+  assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+  lines = [l for l in res.stderr.splitlines() if l.startswith('error:') or 'usage:' in l]
+  assert lines, res.stderr[-2000:]
+  assert 'Traceback' not in res.stderr, res.stderr[-2000:]
+  for f in fragments:
+    assert f in res.stderr, (f, res.stderr[-2000:])
+
+
+def test_no_arguments_version_and_bad_top_k():
+  res = _cli()
+  assert res.returncode == 2 and "invalid choice: ''" not in res.stderr
+  assert 'COMMAND' in res.stderr
+  res = _cli('--version')
+  assert res.returncode == 0 and res.stdout.startswith('carvision ')
+  for k in ('0', '-1', 'x'):
+    res = _cli('predict', '--top-k', k, os.path.join(TINY, 'images', 'x.jpg'))
+    assert res.returncode == 2 and 'a whole number >= 1' in res.stderr
+
+
+def test_password_in_a_dsn_is_refused_everywhere_and_never_printed(tmp_path):
+  dsn = 'host=127.0.0.1 dbname=seez user=u password=hunter2'
+  for args in (('run', '--set', f'ingest.dsn={dsn}'),
+               ('ingest', '--dsn', dsn, '--out', str(tmp_path / 'o')),
+               ('export', '--dsn', 'postgresql://u:hunter2@127.0.0.1/seez', '--out', str(tmp_path / 'c.csv'))):
+    res = _cli(*args)
+    _one_line_error(res, 2, 'contains a password', 'PGPASSWORD')
+    assert 'hunter2' not in res.stderr + res.stdout
+  res = _cli('demo', env={'CARVISION_DSN': dsn})
+  _one_line_error(res, 2, 'CARVISION_DSN contains a password')
+
+
+def test_source_errors_are_one_line_with_the_setting_to_fix(tmp_path):
+  from pipeline.services import free_port
+  nobody = f'host=127.0.0.1 port={free_port()} dbname=seez user=postgres connect_timeout=3'
+  _one_line_error(_cli('ingest', '--dsn', nobody, '--out', str(tmp_path / 'a')), 3,
+                  'error: database:', 'PGPASSWORD')
+  _one_line_error(_cli('run', '--set', f'ingest.dsn={nobody}'), 3, 'error: database:')
+  _one_line_error(_cli('ingest', '--dsn', 'host=127.0.0.1 = =', '--out', str(tmp_path / 'b')), 2,
+                  'not a libpq connection string')
+  _one_line_error(_cli('ingest', '--csv', str(tmp_path / 'none-*.csv'), '--out', str(tmp_path / 'c')),
+                  2, 'ingest.csv: no file matches')
+  _one_line_error(_cli('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--image-url-template',
+                       'http://127.0.0.1/photos/', '--out', str(tmp_path / 'd')),
+                  2, 'must contain {p_hash}')
+  _one_line_error(_cli('run', '--config', 'no-such-config'), 2, "no config 'no-such-config'")
+  _one_line_error(_cli('run', '--set', 'ingest.splits={train: 80, eval: 20}'), 2,
+                  'test = the old eval ads')
+
+
+def test_evaluate_exit_code_follows_the_gate():
+  """A CI job relies on it: a failed gate exits 4 and prints the verdict."""
+  common = ('evaluate', '--data', TINY, '--limit', '24')
+  res = _cli(*common, '--top1-min', '1.0')
+  assert res.returncode == 4, res.stderr[-2000:]
+  assert 'verdict: FAIL' in res.stdout and '{' not in res.stdout  # human lines only
+  res = _cli(*common, '--top1-min', '1.0', '--json')
+  assert res.returncode == 4, res.stderr[-2000:]
+  out = json.loads(res.stdout)
+  assert out['passed'] is False and out['checks']['top1_accuracy']['threshold'] == 1.0
+  res = _cli(*common, '--top1-min', '0', '--top5-min', '0', '--json')
+  assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])['passed'] is True
+  # thresholds default to the config's gates
+  res = _cli(*common, '--json', '--set', 'evaluate.top1_min=1.0')
+  assert res.returncode == 4
+  assert json.loads(res.stdout.strip().splitlines()[-1])['checks']['top1_accuracy']['threshold'] == 1.0
+
+
+def test_predict_answers_the_good_photos_and_names_each_bad_one(tmp_path):
+  from PIL import Image
+  good = os.path.join(TINY, 'images', sorted(os.listdir(os.path.join(TINY, 'images')))[0])
+  png = tmp_path / 'photo.png'
+  Image.new('RGB', (40, 30), (9, 9, 9)).save(png)
+  truncated = tmp_path / 'cut.jpg'
+  truncated.write_bytes(open(good, 'rb').read()[:2000])
+  missing = tmp_path / 'missing.jpg'
+  res = _cli('predict', '--json', '--top-k', '3', good, str(png), str(truncated), str(missing))
+  assert res.returncode == 5, res.stderr[-2000:]
+  assert 'Traceback' not in res.stderr
+  out = json.loads(res.stdout)
+  answered = [o for o in out if 'top_k' in o]
+  failed = {o['input']: o['error'] for o in out if 'error' in o}
+  assert [o['input'] for o in answered] == [good] and len(answered[0]['top_k']) == 3
+  assert failed[str(png)].startswith('not_jpeg') and '(png)' in failed[str(png)]
+  assert failed[str(truncated)].startswith('corrupt_jpeg')
+  assert failed[str(missing)].startswith('unreadable')
+  assert sum(l.startswith('error: ') for l in res.stderr.splitlines()) == 3
+
+
+def test_ingest_out_is_replaced_whole_only_with_overwrite(tmp_path, image_host):
+  out = tmp_path / 'out'
+  common = ('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--image-url-template',
+            image_host.url_template, '--out', str(out))
+  assert _cli(*common).returncode == 0
+  old_shard = out / 'examples' / 'Split-train' / 'data_tfrecord-00099-of-00100.gz'
+  old_shard.write_bytes(b'a shard of another run')
+  stale = tmp_path / '.out.partial-1'  # what an interrupted run leaves
+  stale.mkdir()
+  _one_line_error(_cli(*common), 2, 'is not empty: pass --overwrite')
+  res = _cli(*common, '--overwrite')
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert not old_shard.exists() and (out / 'examples' / 'Split-test').is_dir()
+  assert not stale.exists() and not list(tmp_path.glob('.out.partial-*'))
+  assert not list(out.rglob('beam-temp-*'))
+
+
+def test_evaluate_checks_labels_csv_first_and_names_unknown_classes(tmp_path):
+  import shutil
+  rows = list(csv.DictReader(open(os.path.join(TINY, 'labels.csv'))))
+  good = [r for r in rows if r['is_car'] == 'true' and r['file_ok'] == 'true'][:4]
+  data = tmp_path / 'data'
+  (data / 'images').mkdir(parents=True)
+  for r in good:
+    shutil.copy(os.path.join(TINY, 'images', r['p_hash'] + '.jpg'), data / 'images')
+  good[0] = {**good[0], 'make': 'Tesla', 'model': 'Cybertruck', 'submodel': 'Pickup 2024'}
+  with open(data / 'labels.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=['ad_id', 'p_hash', 'make', 'model', 'submodel'],
+                       extrasaction='ignore')
+    w.writeheader()
+    w.writerows(good)
+  res = _cli('evaluate', '--data', str(data), '--top1-min', '0', '--top5-min', '0')
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert 'classes the model does not know (counted wrong): Tesla|Cybertruck|Pickup 2024' in res.stdout
+  res = _cli('evaluate', '--data', str(data), '--top1-min', '0', '--top5-min', '0', '--json')
+  out = json.loads(res.stdout)
+  assert out['examples'] == 4 and out['unknown_classes'] == 1
+  assert out['unknown_class_names'] == ['Tesla|Cybertruck|Pickup 2024']
+  # a broken labels.csv fails at once, naming what is wrong
+  (data / 'labels.csv').write_text('ad_id,p_hash,make\n1,abc,BMW\n')
+  _one_line_error(_cli('evaluate', '--data', str(data)), 2, "missing columns ['model', 'submodel']")
+  (data / 'labels.csv').write_text('ad_id,p_hash,make,model,submodel\n')
+  _one_line_error(_cli('evaluate', '--data', str(data)), 2, 'labels.csv: no rows')
+  _one_line_error(_cli('evaluate', '--data', str(tmp_path / 'nowhere')), 2, 'no such directory')

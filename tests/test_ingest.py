@@ -22,7 +22,9 @@ def test_database_rows_all_accounted(tmp_path, tiny_dsn, image_host, tiny_labels
   # No ad crosses splits; no photo is written twice.
   ads = {s: {ex.features.feature['ad_id'].int64_list.value[0] for ex in exs}
          for s, exs in examples.items()}
-  assert not ads['train'] & ads['eval']
+  assert set(ads) == {'train', 'validation', 'test'} and all(ads.values())
+  assert not ads['train'] & ads['validation'] and not ads['train'] & ads['test']
+  assert not ads['validation'] & ads['test']
   hashes = [ex.features.feature['p_hash'].bytes_list.value[0]
             for exs in examples.values() for ex in exs]
   assert len(hashes) == len(set(hashes)) == n_examples
@@ -125,6 +127,21 @@ def test_persistent_timeout(tmp_path, image_host):
                              max_dead_letter_share=1.0,
                              http={'read_timeout_s': 0.3, 'retries': 1, 'backoff_factor': 0.01})
   assert summary['dead_letters'] == {records.TIMEOUT: 1}
+
+
+def test_trickling_host_hits_the_fetch_deadline_and_the_rest_goes_on(tmp_path, image_host):
+  """One byte every 0.2 s never trips the 1 s read timeout; the 2 s deadline cuts it."""
+  import time
+  image_host.faults[GOOD[0]] = lambda k: ('trickle', 0.2)
+  t = time.monotonic()
+  summary, dead, examples = run_ingest(
+      tmp_path / 'out', csv=_csv(tmp_path, [GOOD[0], GOOD[1], GOOD[2]]),
+      image_url_template=image_host.url_template, max_dead_letter_share=1.0,
+      http={'read_timeout_s': 1.0, 'deadline_s': 2.0, 'retries': 1, 'backoff_factor': 0.01})
+  assert time.monotonic() - t < 30  # the photo alone would take about 8 minutes
+  assert summary['dead_letters'] == {records.TIMEOUT: 1}
+  assert dead[0]['p_hash'] == GOOD[0] and 'deadline_s' in dead[0]['detail']
+  assert sum(len(e) for e in examples.values()) == 2
 
 
 def test_duplicate_p_hash_kept_once_and_bad_hash_never_fetched(tmp_path, image_host):
@@ -252,6 +269,69 @@ def test_null_submodel_pair_not_in_catalog_and_non_car_rows(tmp_path, postgres, 
   assert 'person' in by_reason[records.NON_CAR]['detail']
 
 
+def test_image_rows_with_null_ad_id_are_dead_letters_counted_at_the_source(
+    tmp_path, postgres, image_host, tiny_labels, tiny_manifest):
+  """A NULL ad_id is in no ad_id range: it is read by a partition of its own, becomes a
+  bad_row dead letter, and `rows` is the database's count, not examples + dead letters."""
+  (a1, p1), = _pick_ads(tiny_labels, tiny_manifest, 1)
+  dsn = _edit_db(postgres, 'null_ad', [
+      ('DELETE FROM app.ad_images WHERE ad_id <> %s', (a1,)),
+      ('DELETE FROM app.ads WHERE id <> %s', (a1,)),
+      ('UPDATE app.ad_images SET ad_id = NULL WHERE p_hash = %s', (p1[0],)),
+  ])
+  summary, dead, examples = run_ingest(tmp_path, dsn=dsn, image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0, partitions=3)
+  assert summary['rows'] == len(p1)
+  assert summary['dead_letters'] == {records.BAD_ROW: 1}
+  assert dead[0]['p_hash'] == p1[0] and dead[0]['ad_id'] is None and 'NULL' in dead[0]['detail']
+  assert sum(len(e) for e in examples.values()) == len(p1) - 1
+
+
+def test_rows_neither_example_nor_dead_letter_fail_the_run():
+  """The source's count is checked against what the rows became."""
+  summary = beam_ingest._summary([('read:', 5), ('example:train', 3), ('dead:http_404', 1)],
+                                 ['train', 'validation', 'test'], source_rows=5)
+  assert summary['unaccounted'] == 1
+  with pytest.raises(RuntimeError, match='1 became neither'):
+    beam_ingest.check_share(summary, 1.0)
+  short = beam_ingest._summary([('read:', 4), ('example:train', 4)], ['train'], source_rows=5)
+  with pytest.raises(RuntimeError, match='source holds 5 rows but 4 were read'):
+    beam_ingest.check_share(short, 1.0)
+  ok = beam_ingest._summary([('read:', 4), ('example:train', 4)], ['train'], source_rows=4)
+  assert ok == {'rows': 4, 'examples': {'train': 4}, 'dead_letters': {}}
+  beam_ingest.check_share(ok, 0.0)
+
+
+def test_csv_faults_are_counted_rows_with_their_line(tmp_path, image_host):
+  """A non-UTF-8 byte spoils one record, not the ingest; a quoted newline is one record;
+  a file without a header keeps its first row; details name file and line."""
+  h = GOOD[:6]
+  good = [f'{1000 + i},BMW,X6,SUV 2012,{h[i]}' for i in range(3)]
+  with_header = tmp_path / 'a.csv'
+  with_header.write_bytes(
+      b'ad_id,make,model,submodel,hashish\n' + good[0].encode() + b'\n'
+      + b'2001,Citro\xebn,C4,Hatch 2010,' + h[3].encode() + b'\n'  # Latin-1, not UTF-8
+      + f'2002,BMW,X6,"SUV\n2012","{h[4]}"\n'.encode()           # quoted newline
+      + b'2003,BMW,X6\n')                                          # 3 fields, line 6
+  no_header = tmp_path / 'b.csv'
+  no_header.write_text('\n'.join(good[1:]) + '\n')
+  summary, dead, examples = run_ingest(tmp_path / 'out', csv=str(tmp_path / '*.csv'),
+                                       image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  assert summary['rows'] == 6
+  assert sum(len(e) for e in examples.values()) == 4  # good x3 + the quoted-newline record
+  assert summary['dead_letters'] == {records.BAD_ROW: 2}
+  details = sorted(d['detail'] for d in dead)
+  assert details[0].startswith('a.csv:3: not UTF-8')
+  assert details[1].startswith('a.csv:6: 3 fields')
+
+
+def test_csv_pattern_matching_nothing_is_a_clear_error(tmp_path, image_host):
+  with pytest.raises(ValueError, match=r'ingest.csv: no file matches'):
+    run_ingest(tmp_path / 'out', csv=str(tmp_path / 'nothing-*.csv'),
+               image_url_template=image_host.url_template)
+
+
 def test_csv_spans_latest_and_pinned(tmp_path, image_host):
   """exports/{SPAN}/cars.csv: a monthly export is a new span; the latest is read by default."""
   for span, hashes in ((1, GOOD[:1]), (2, GOOD[1:4])):
@@ -280,7 +360,24 @@ def test_rate_limiter_spaces_requests():
 
 def test_split_does_not_depend_on_mapping_order():
   """The pipeline passes the config as sorted JSON, the CLI as YAML order: same split."""
-  a = {ad: records.split_for(ad, {'train': 80, 'eval': 20}) for ad in range(1000000, 1002000)}
-  b = {ad: records.split_for(ad, {'eval': 20, 'train': 80}) for ad in range(1000000, 1002000)}
+  ads = range(1000000, 1003000)
+  a = {ad: records.split_for(ad, {'train': 70, 'validation': 10, 'test': 20}) for ad in ads}
+  b = {ad: records.split_for(ad, {'test': 20, 'validation': 10, 'train': 70}) for ad in ads}
   assert a == b
-  assert 0.15 < sum(v == 'eval' for v in a.values()) / len(a) < 0.25
+  for name, share in (('train', 0.7), ('validation', 0.1), ('test', 0.2)):
+    assert abs(sum(v == name for v in a.values()) / len(a) - share) < 0.03
+  # The documented mapping of old two-split configs: test holds exactly the old eval ads.
+  old = {ad: records.split_for(ad, {'train': 80, 'eval': 20}) for ad in ads}
+  assert {ad for ad, v in a.items() if v == 'test'} == {ad for ad, v in old.items() if v == 'eval'}
+
+
+@pytest.mark.parametrize('splits, message', [
+    ({'train': 80, 'eval': 20}, 'test = the old eval ads'),
+    ({'train': 80, 'test': 20}, 'needs exactly the splits'),
+    ({'train': 70, 'validation': 0, 'test': 30}, 'positive integer'),
+    ({'train': 70, 'validation': 'ten', 'test': 20}, 'positive integer'),
+])
+def test_splits_other_than_train_validation_test_are_refused(splits, message):
+  from pipeline import config
+  with pytest.raises(ValueError, match=message):
+    config.load('demo', {'ingest.splits': splits})

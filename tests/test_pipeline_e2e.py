@@ -45,7 +45,7 @@ def test_examples_match_labels(first_run, tiny_labels, tiny_manifest):
   assert summary['rows'] == len(tiny_labels)
   assert sum(summary['examples'].values()) == n_examples
   assert summary['dead_letters'] == reasons
-  assert summary['examples']['train'] > 0 and summary['examples']['eval'] > 0
+  assert all(summary['examples'][s] > 0 for s in ('train', 'validation', 'test'))
 
 
 def test_schema_statistics_and_anomalies(first_run):
@@ -55,7 +55,7 @@ def test_schema_statistics_and_anomalies(first_run):
   assert os.path.exists(os.path.join(schema, 'schema.pbtxt'))
   from tensorflow_metadata.proto.v0 import anomalies_pb2
   anomalies_dir = _one(root, 'ExampleValidator', 'anomalies')
-  for split in ('train', 'eval'):
+  for split in ('train', 'validation', 'test'):
     path = os.path.join(anomalies_dir, f'Split-{split}', 'SchemaDiff.pb')
     a = anomalies_pb2.Anomalies()
     with open(path, 'rb') as f:
@@ -71,6 +71,21 @@ def test_transform_graph_vocabularies(first_run, tiny_labels):
   truth = {'|'.join((r['make'], r['model'], r['submodel'])) for r in tiny_labels}
   assert set(classes) <= truth and len(classes) == 10
   assert all(c.count('|') == 2 for c in classes)
+
+
+def test_trainer_never_opens_the_test_split(first_run):
+  """Transform writes train and validation only, and the Trainer read nothing else."""
+  import json
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  transformed = _one(root, 'Transform', 'transformed_examples')
+  assert sorted(os.listdir(transformed)) == ['Split-train', 'Split-validation']
+  model_dir = os.path.join(_one(root, 'Trainer', 'model'), 'Format-Serving')
+  training = json.load(open(os.path.join(model_dir, 'tflite', 'training.json')))
+  opened = training['history']['inputs']
+  assert [os.path.basename(d) for d in opened['train']] == ['Split-train']
+  assert [os.path.basename(d) for d in opened['validation']] == ['Split-validation']
+  assert all(d.startswith(transformed) for ds in opened.values() for d in ds)
 
 
 def test_model_signatures_and_tflite(first_run):
@@ -104,14 +119,14 @@ def test_model_signatures_and_tflite(first_run):
 
 def test_evaluation_and_blessing_agree_with_push(first_run):
   _, cfg, summary, _ = first_run
-  assert summary['eval_examples'] == summary['examples']['eval']
+  assert summary['test_examples'] == summary['examples']['test']
   for m in summary['metrics'].values():
     assert 0.0 <= m['value'] <= 1.0
   gate = summary['int8_gate']
   assert set(gate) == {'top1_accuracy', 'top5_accuracy', 'int8_vs_float_top1_drop'}
   # 10 classes: chance is 0.10; the shipped int8 model must be far above it
   assert gate['top1_accuracy']['value'] >= 0.5, gate
-  assert summary['int8_metrics']['examples'] == summary['examples']['eval']
+  assert summary['int8_metrics']['examples'] == summary['examples']['test']
   # the int8 gate reads the same floors as TFMA; blessed only if both gates pass
   assert gate['top1_accuracy']['threshold'] == summary['metrics']['top1_accuracy']['threshold']
   passes = all(c['pass'] for c in gate.values()) and all(
@@ -147,13 +162,22 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
                'report.html', 'report.png', os.path.join('saved_model', 'saved_model.pb')):
     assert os.path.exists(os.path.join(v, name)), name
   labels = open(os.path.join(v, 'labels.txt')).read().splitlines()
+  import json
+  card = json.load(open(os.path.join(v, 'model_card.json')))
   for name in ('model.tflite', 'model_fp16.tflite'):
     md = tflite_metadata.read(open(os.path.join(v, name), 'rb').read())
     assert md['labels'] == labels  # the embedded label file round-trips
-  import json
-  card = json.load(open(os.path.join(v, 'model_card.json')))
-  ev = card['metrics']['eval']['int8_tflite']
-  assert ev['examples'] == s['examples']['eval'] and 0 <= ev['top1_accuracy'] <= 1
+    assert md['version'] == card['version'] == versions[0]  # one version everywhere
+    assert md['license'] == card['license'] == cfg.push.license and 'non-commercial' in md['license'].lower()
+  ev = card['metrics']['test']['int8_tflite']
+  assert ev['examples'] == s['examples']['test'] and 0 <= ev['top1_accuracy'] <= 1
+  # which split did what, and the Trainer's inputs: train and validation, never test
+  assert card['splits']['judged_on'] == 'test' and set(card['splits']['roles']) == {
+      'train', 'validation', 'test'}
+  opened = card['splits']['trainer_inputs']
+  assert {os.path.basename(d) for d in opened['train']} == {'Split-train'}
+  assert {os.path.basename(d) for d in opened['validation']} == {'Split-validation'}
+  assert card['metrics']['validation']['float_keras']['class_top1'] >= 0
   assert card['thresholds']['top1_min'] == 0.0 and card['config']['model']['backbone']
   assert card['data']['ingestion']['rows'] == s['rows'] and len(card['data']['examples_fingerprint']) == 64
   assert card['files']['model.tflite']['bytes'] == os.path.getsize(os.path.join(v, 'model.tflite'))
@@ -243,15 +267,16 @@ def test_cli_predict_and_evaluate(first_run, capsys):
   assert abs(sum(p['probability'] for p in ad['top_k']) - 1.0) < 0.05  # all 10 classes
   report = tmp / 'report'
   assert cli.main(['evaluate', '--config', 'demo', '--model', model_dir, '--data', TINY,
-                   '--split', 'eval', '--json', '--report', str(report)]) == 0
+                   '--split', 'test', '--json', '--report', str(report),
+                   '--top1-min', '0', '--top5-min', '0']) == 0
   m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  # every decodable car photo of the eval-split ads in labels.csv (ground truth, also for
+  # every decodable car photo of the test-split ads in labels.csv (ground truth, also for
   # ads whose database labels are broken), nothing from training ads
   import csv
   from components.example_gen import records
   rows = list(csv.DictReader(open(os.path.join(TINY, 'labels.csv'))))
   expected = sum(1 for r in rows if r['is_car'] == 'true' and r['file_ok'] == 'true'
-                 and records.split_for(int(r['ad_id']), cfg.ingest.splits) == 'eval')
+                 and records.split_for(int(r['ad_id']), cfg.ingest.splits) == 'test')
   assert m['examples'] == expected
   assert 0.0 <= m['top1_accuracy'] <= m['top5_accuracy'] <= 1.0
   assert (report / 'report.html').exists() and (report / 'report.png').exists()

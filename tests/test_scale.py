@@ -89,7 +89,7 @@ def test_two_worker_processes_match_in_process(tmp_path, tiny_dsn, image_host):
   assert multi == single
   import glob
   import tensorflow as tf
-  for split in ('train', 'eval'):
+  for split in ('train', 'validation', 'test'):
     files = glob.glob(os.path.join(out, 'examples', f'Split-{split}', '*.gz'))
     ex2 = [tf.train.Example.FromString(r.numpy())
            for r in tf.data.TFRecordDataset(files, compression_type='GZIP')]

@@ -83,3 +83,18 @@ def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
   plain = {t['name']: t['dtype'] for t in Interpreter(model_content=int8_plain).get_tensor_details()}
   for k in kept:
     assert plain[k['layer']] == np.int8, k
+
+
+def test_trainer_refuses_inputs_outside_train_and_validation(tmp_path):
+  """The gates judge the test split: a Trainer wired to read it must fail, not train."""
+  from components.trainer import task
+  files = {s: str(tmp_path / f'Split-{s}' / 'data.gz') for s in ('train', 'validation', 'test')}
+  opened = task.check_inputs([files['train']], [files['validation']])
+  assert opened == {'train': [str(tmp_path / 'Split-train')],
+                    'validation': [str(tmp_path / 'Split-validation')]}
+  for train, val in (([files['train']], [files['test']]), ([files['test']], [files['validation']]),
+                     ([files['train'], files['test']], [files['validation']])):
+    with pytest.raises(ValueError, match='train .fit. and validation .choices. only'):
+      task.check_inputs(train, val)
+  with pytest.raises(ValueError, match='both splits need examples'):
+    task.check_inputs([files['train']], [])

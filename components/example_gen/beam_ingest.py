@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
+import apache_beam.io.fileio  # noqa: F401  (beam.io.fileio)
 from apache_beam.metrics import Metrics
 
+from components.errors import UserError
 from components.example_gen import records
 
 NAMESPACE = 'carvision.ingest'
@@ -67,6 +69,7 @@ class _FetchAndValidate(beam.DoFn):
         connect_timeout_s=http['connect_timeout_s'], read_timeout_s=http['read_timeout_s'],
         retries=http['retries'], backoff_factor=http['backoff_factor'],
         max_bytes=int(http.get('max_bytes') or (64 << 20)),
+        deadline_s=float(http.get('deadline_s') or 60.0),
         max_requests_per_s=(float(http['max_requests_per_s']) / max(1, int(http.get('workers') or 1))
                             if http.get('max_requests_per_s') else None))
 
@@ -116,33 +119,42 @@ def resolve_csv(pattern: str, span: Any = None) -> Dict[str, Any]:
           'span': int(sel_span), 'version': sel_version, 'fingerprint': fingerprint}
 
 
-def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> beam.PCollection:
-  """Rows from Postgres (parallel ad_id ranges) or from cars.csv exports."""
+def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> Tuple[beam.PCollection, Optional[int]]:
+  """(rows, rows counted at the source): Postgres (parallel ad_id ranges, counted by the
+  database when the read is planned) or cars.csv exports (counted as parsed)."""
   if bool(ingest.get('dsn')) == bool(ingest.get('csv')):
-    raise ValueError('ingest needs exactly one of `dsn` (Postgres) or `csv` (cars.csv pattern)')
+    raise UserError('ingest needs exactly one of `dsn` (Postgres) or `csv` (cars.csv pattern)')
   if ingest.get('dsn'):
     from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
     dsn, classes, conf = ingest['dsn'], ingest['vehicle_classes'], ingest['min_confidence']
     secret = ingest.get('password_secret')
-    ranges = postgres.ad_id_ranges(dsn, ingest['partitions'], secret)
-    return (p
-            | 'AdIdRanges' >> beam.Create(ranges)
+    plan = postgres.plan_reads(dsn, ingest['partitions'], secret)
+    max_id = plan['max_id']
+    rows = (p
+            | 'AdIdRanges' >> beam.Create(plan['ranges'])
             | 'ShareRanges' >> beam.Reshuffle()
             | 'ReadPostgres' >> beam.FlatMap(
-                lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf,
+                lambda r: postgres.read_range(dsn, r[0], r[1], classes, conf, max_id,
                                               password_secret=secret)))
+    return rows, plan['rows']
   pattern = ingest['csv']
   if '{' in pattern:
     pattern = resolve_csv(pattern, ingest.get('span'))['pattern']
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  if not FileSystems.match([pattern])[0].metadata_list:
+    raise UserError(f'ingest.csv: no file matches {pattern!r}')
+  # One file is parsed whole by one worker: CSV records may span lines (quoted newlines),
+  # which a line-splitting reader cannot see.
   return (p
-          | 'ReadCsv' >> beam.io.ReadFromText(pattern, skip_header_lines=1)
-          | 'DropBlank' >> beam.Filter(lambda line: line.strip() != '')
-          | 'ParseCsv' >> beam.FlatMap(records.rows_from_csv_line))
+          | 'MatchCsv' >> beam.io.fileio.MatchFiles(pattern)
+          | 'OpenCsv' >> beam.io.fileio.ReadMatches()
+          | 'ParseCsv' >> beam.FlatMap(lambda f: records.rows_from_csv(
+              f.read(), os.path.basename(f.metadata.path)))), None
 
 
 def build(p: beam.Pipeline, ingest: Dict[str, Any], examples_uri: str, dead_uri: str) -> None:
   """Adds the ingestion graph to `p`, writing Split-<name>/ TFRecords and dead letters."""
-  rows = read_rows(p, ingest)
+  rows, source_rows = read_rows(p, ingest)
   checked = rows | 'CheckRows' >> beam.ParDo(_CheckRow(ingest['p_hash_pattern'])).with_outputs(
       'dead', main='ok')
   deduped = (checked.ok
@@ -172,28 +184,40 @@ def build(p: beam.Pipeline, ingest: Dict[str, Any], examples_uri: str, dead_uri:
        | 'WriteDead' >> beam.io.WriteToText(
            os.path.join(dead_uri, DEAD_LETTER_DIR, 'dead_letters'), file_name_suffix='.jsonl'))
 
-  outcomes = ((fetched.ok | 'ExampleKeys' >> beam.Map(lambda kv: 'example:' + kv[0])),
+  # Rows read are counted as they leave the source, apart from what they became.
+  outcomes = ((rows | 'ReadKeys' >> beam.Map(lambda _: 'read:')),
+              (fetched.ok | 'ExampleKeys' >> beam.Map(lambda kv: 'example:' + kv[0])),
               (dead | 'DeadKeys' >> beam.Map(lambda d: 'dead:' + d.reason)))
   _ = (outcomes
        | 'AllOutcomes' >> beam.Flatten()
        | 'CountOutcomes' >> beam.combiners.Count.PerElement()
        | 'ToList' >> beam.combiners.ToList()
-       | 'Summarise' >> beam.Map(lambda kvs: json.dumps(_summary(kvs, split_names)))
+       | 'Summarise' >> beam.Map(lambda kvs: json.dumps(_summary(kvs, split_names, source_rows)))
        | 'WriteSummary' >> beam.io.WriteToText(
            os.path.join(dead_uri, SUMMARY_FILE), num_shards=1, shard_name_template=''))
 
 
-def _summary(kvs: List[Tuple[str, int]], split_names: List[str]) -> Dict[str, Any]:
+def _summary(kvs: List[Tuple[str, int]], split_names: List[str],
+             source_rows: Optional[int] = None) -> Dict[str, Any]:
+  """`rows` is what the source holds (the database's count, or the rows read from cars.csv),
+  never examples + dead letters: `unaccounted` is what became neither (must be 0)."""
   examples = {s: 0 for s in split_names}
   dead: Dict[str, int] = {}
+  read = 0
   for key, n in kvs:
     kind, _, name = key.partition(':')
-    if kind == 'example':
+    if kind == 'read':
+      read = n
+    elif kind == 'example':
       examples[name] = n
     else:
       dead[name] = n
-  rows = sum(examples.values()) + sum(dead.values())
-  return {'rows': rows, 'examples': examples, 'dead_letters': dict(sorted(dead.items()))}
+  rows = read if source_rows is None else source_rows
+  out = {'rows': rows, 'examples': examples, 'dead_letters': dict(sorted(dead.items()))}
+  unaccounted = rows - sum(examples.values()) - sum(dead.values())
+  if unaccounted or read != rows:
+    out.update(rows_read=read, unaccounted=unaccounted)
+  return out
 
 
 def read_summary(dead_uri: str) -> Dict[str, Any]:
@@ -206,6 +230,11 @@ def check_share(summary: Dict[str, Any], max_share: float) -> None:
   """Fails loudly when too much of the input became dead letters."""
   rows = summary['rows']
   dead = sum(summary['dead_letters'].values())
+  if summary.get('unaccounted') or summary.get('rows_read', rows) != rows:
+    raise RuntimeError(
+        f"ingestion: the source holds {rows} rows but {summary.get('rows_read')} were read and "
+        f"{summary.get('unaccounted')} became neither an example nor a dead letter; rows "
+        'deleted while reading, or a defect: nothing was lost silently, rerun to retry')
   if rows == 0:
     raise RuntimeError('ingestion read 0 rows: check the source (DSN / csv pattern)')
   share = dead / rows

@@ -2,16 +2,19 @@
 
 Retries (urllib3's Retry) with exponential backoff on 5xx, timeouts and connection
 resets, never on 404; connect/read timeouts; bounded concurrency by a thread pool
-the size of the connection pool. Non-HTTP templates (gs://, local paths) are read
+the size of the connection pool; an overall deadline per fetch (a host trickling bytes
+never trips a read timeout, which bounds only the gap between bytes). Non-HTTP templates (gs://, local paths) are read
 through Beam's FileSystems.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from components.errors import UserError
 from components.example_gen import records
 
 # (data or None, dead-letter reason or None, detail)
@@ -40,19 +43,102 @@ class RateLimiter:
       time.sleep(slot - now)
 
 
+class _Watchdog:
+  """Cuts the socket of any fetch past its deadline (one daemon thread per process).
+
+  A fetching thread announces its deadline, the HTTP connection attaches the socket it
+  sends on (_WatchedConnection), and past the deadline the watchdog shuts that socket
+  down, which wakes the blocked read; the fetch is then a `timeout` dead letter.
+  """
+
+  def __init__(self, tick_s: float = 0.2):
+    self.tick_s = tick_s
+    self.inflight = {}  # thread ident -> [deadline (monotonic), socket or None, expired]
+    self.lock = threading.Lock()
+    threading.Thread(target=self._run, name='carvision-fetch-watchdog', daemon=True).start()
+
+  def begin(self, seconds: float) -> None:
+    with self.lock:
+      self.inflight[threading.get_ident()] = [time.monotonic() + seconds, None, False]
+
+  def attach(self, sock) -> None:
+    with self.lock:
+      entry = self.inflight.get(threading.get_ident())
+      if entry is not None:
+        entry[1] = sock
+        if entry[2]:
+          _cut(sock)
+
+  def end(self) -> bool:
+    """True when the deadline passed during this fetch."""
+    with self.lock:
+      entry = self.inflight.pop(threading.get_ident(), None)
+    return bool(entry and entry[2])
+
+  def _run(self):
+    while True:
+      time.sleep(self.tick_s)
+      now = time.monotonic()
+      with self.lock:
+        for entry in self.inflight.values():
+          if not entry[2] and now >= entry[0]:
+            entry[2] = True
+            if entry[1] is not None:
+              _cut(entry[1])
+
+
+def _cut(sock) -> None:
+  try:
+    sock.shutdown(socket.SHUT_RDWR)
+  except OSError:
+    pass
+
+
+_WATCHDOG = None
+_WATCHDOG_LOCK = threading.Lock()
+
+
+def watchdog() -> _Watchdog:
+  global _WATCHDOG
+  with _WATCHDOG_LOCK:
+    if _WATCHDOG is None:
+      _WATCHDOG = _Watchdog()
+  return _WATCHDOG
+
+
+def _watched_pools():
+  """urllib3 connection pools whose connections attach their socket to the watchdog."""
+  from urllib3 import connection, connectionpool  # pylint: disable=g-import-not-at-top
+
+  class _Attach:
+    def request(self, *args, **kwargs):
+      super().request(*args, **kwargs)  # connects first when needed: self.sock is set after
+      if self.sock is not None:
+        watchdog().attach(self.sock)
+
+  http_conn = type('WatchedHTTPConnection', (_Attach, connection.HTTPConnection), {})
+  https_conn = type('WatchedHTTPSConnection', (_Attach, connection.HTTPSConnection), {})
+  return {'http': type('WatchedHTTPConnectionPool', (connectionpool.HTTPConnectionPool,),
+                       {'ConnectionCls': http_conn}),
+          'https': type('WatchedHTTPSConnectionPool', (connectionpool.HTTPSConnectionPool,),
+                        {'ConnectionCls': https_conn})}
+
+
 class Fetcher:
   """Fetches `<template with {p_hash}>` for many rows at once, bounded by `concurrency`."""
 
   def __init__(self, url_template: str, concurrency: int = 32, connect_timeout_s: float = 5.0,
                read_timeout_s: float = 20.0, retries: int = 3, backoff_factor: float = 0.2,
-               max_bytes: int = 64 << 20, max_requests_per_s: Optional[float] = None):
+               max_bytes: int = 64 << 20, max_requests_per_s: Optional[float] = None,
+               deadline_s: float = 60.0):
     if '{p_hash}' not in url_template:
-      raise ValueError(f'image_url_template must contain {{p_hash}}: {url_template!r}')
+      raise UserError(f'ingest.image_url_template must contain {{p_hash}}: {url_template!r}')
     self.template = url_template
     self.is_http = url_template.startswith(('http://', 'https://'))
     self.concurrency = max(1, int(concurrency))
     self.timeout = (connect_timeout_s, read_timeout_s)
     self.max_bytes = max_bytes
+    self.deadline_s = float(deadline_s)
     self.limiter = RateLimiter(max_requests_per_s)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
     self.session = None
@@ -66,6 +152,7 @@ class Fetcher:
                     respect_retry_after_header=False)
       adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency,
                             max_retries=retry, pool_block=True)
+      adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
       self.session = requests.Session()
       self.session.mount('http://', adapter)
       self.session.mount('https://', adapter)
@@ -85,9 +172,21 @@ class Fetcher:
       self.session.close()
 
   def _fetch_http(self, p_hash: str) -> FetchResult:
-    import requests  # pylint: disable=g-import-not-at-top
     url = self.location(p_hash)
     self.limiter.wait()
+    watch = watchdog()
+    watch.begin(self.deadline_s)
+    try:
+      result = self._get(url)
+    finally:
+      expired = watch.end()
+    if expired:  # whatever the cut connection returned (an error, a truncated body)
+      return None, records.TIMEOUT, (f'{url}: not complete within the {self.deadline_s:g} s '
+                                     'fetch deadline (ingest.http.deadline_s)')
+    return result
+
+  def _get(self, url: str) -> FetchResult:
+    import requests  # pylint: disable=g-import-not-at-top
     try:
       with self.session.get(url, timeout=self.timeout, stream=True) as resp:
         if resp.status_code == 404:

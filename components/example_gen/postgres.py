@@ -4,12 +4,15 @@ This is the export query's semantics made accountable: instead of inner joins th
 silently drop rows, LEFT JOINs keep every photo and say why it cannot be used
 (non-car photo, missing label, (model, submodel) pair not in the catalogue).
 Reads are split into ad_id ranges, each read with a server-side cursor, so Beam
-workers (Dataflow's included) share the work. The password comes from PGPASSWORD.
+workers (Dataflow's included) share the work; rows whose ad_id is NULL (in no range)
+are read by a partition of their own and become `bad_row` dead letters. The rows
+are counted once at the source (`plan_reads`), independently of what the reads yield,
+and ingestion fails when the two disagree. The password comes from PGPASSWORD.
 """
 from __future__ import annotations
 
 import json
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from components.example_gen import records
 
@@ -26,11 +29,15 @@ LEFT JOIN static.models mo ON mo.id = a.model_id
 LEFT JOIN static.submodels sm ON sm.id = a.submodel_id
 LEFT JOIN static.models_submodels ms
        ON ms.model_id = a.model_id AND ms.submodel_id = a.submodel_id
-WHERE i.ad_id >= %(lo)s AND i.ad_id < %(hi)s
+WHERE {where} AND i.id <= %(max_id)s
 ORDER BY i.ad_id, i.position, i.id
 """
+_IN_RANGE = 'i.ad_id >= %(lo)s AND i.ad_id < %(hi)s'
+_NULL_AD = 'i.ad_id IS NULL'
 
-_BOUNDS_SQL = 'SELECT min(ad_id), max(ad_id), count(*) FROM app.ad_images'
+# Rows at the start of the read; later inserts (id above max_id) wait for the next run.
+_BOUNDS_SQL = ('SELECT min(ad_id), max(ad_id), count(*), max(id), '
+               'count(*) FILTER (WHERE ad_id IS NULL) FROM app.ad_images')
 
 
 def password_from_secret(secret: str) -> str:
@@ -50,25 +57,39 @@ def connect(dsn: str, password_secret: Optional[str] = None):
   return psycopg2.connect(dsn, connect_timeout=10, application_name='carvision', **kwargs)
 
 
-def ad_id_ranges(dsn: str, partitions: int,
-                 password_secret: Optional[str] = None) -> List[Tuple[int, int]]:
-  """Half-open [lo, hi) ad_id ranges covering every image row."""
+def check_source(dsn: str, password_secret: Optional[str] = None) -> None:
+  """Connects and reads one row of app.ad_images: a wrong password, an unknown host or a
+  missing table fails here, before any component runs, with libpq's own message."""
+  with connect(dsn, password_secret) as conn, conn.cursor() as cur:
+    cur.execute('SELECT 1 FROM app.ad_images LIMIT 1')
+  conn.close()
+
+
+def plan_reads(dsn: str, partitions: int, password_secret: Optional[str] = None) -> Dict[str, Any]:
+  """{'ranges': half-open [lo, hi) ad_id ranges covering every row, plus (None, None) for
+  rows with a NULL ad_id; 'rows': the table's row count; 'max_id': the last image id read}."""
   with connect(dsn, password_secret) as conn, conn.cursor() as cur:
     cur.execute(_BOUNDS_SQL)
-    lo, hi, n = cur.fetchone()
+    lo, hi, n, max_id, n_null = cur.fetchone()
   conn.close()
-  if not n:
-    return []
-  partitions = max(1, min(int(partitions), int(n)))
-  step = max(1, -(-(hi + 1 - lo) // partitions))
-  return [(a, min(a + step, hi + 1)) for a in range(lo, hi + 1, step)]
+  ranges: List[Tuple[Optional[int], Optional[int]]] = []
+  if lo is not None:
+    parts = max(1, min(int(partitions), int(n)))
+    step = max(1, -(-(hi + 1 - lo) // parts))
+    ranges = [(a, min(a + step, hi + 1)) for a in range(lo, hi + 1, step)]
+  if n_null:
+    ranges.append((None, None))
+  return {'ranges': ranges, 'rows': int(n or 0), 'max_id': int(max_id or 0)}
 
 
 def row_from_record(rec: Sequence, classes: Sequence[str], min_confidence: float) -> records.Row:
   (ad_id, p_hash, position, yolo, ad_exists, make, model, submodel, has_ids,
    pair_in_catalog) = rec
-  row = records.Row(ad_id=ad_id, p_hash=p_hash, position=position,
+  row = records.Row(ad_id=ad_id, p_hash=p_hash, position=position or 0,
                     make=make, model=model, submodel=submodel)
+  if ad_id is None:
+    row.reason, row.detail = records.BAD_ROW, 'app.ad_images.ad_id is NULL'
+    return row
   is_vehicle, bbox, conf = records.largest_detection(yolo, classes, min_confidence)
   row.bbox, row.confidence = bbox, conf
   if not is_vehicle:
@@ -83,14 +104,17 @@ def row_from_record(rec: Sequence, classes: Sequence[str], min_confidence: float
   return row
 
 
-def read_range(dsn: str, lo: int, hi: int, classes: Sequence[str], min_confidence: float,
-               itersize: int = 2000, password_secret: Optional[str] = None) -> Iterator[records.Row]:
-  """Streams one ad_id range through a named (server-side) cursor."""
+def read_range(dsn: str, lo: Optional[int], hi: Optional[int], classes: Sequence[str],
+               min_confidence: float, max_id: int, itersize: int = 2000,
+               password_secret: Optional[str] = None) -> Iterator[records.Row]:
+  """Streams one ad_id range (lo None: the rows whose ad_id is NULL) through a named
+  (server-side) cursor."""
   conn = connect(dsn, password_secret)
   try:
     with conn.cursor(name=f'carvision_{lo}_{hi}') as cur:
       cur.itersize = itersize
-      cur.execute(_ROWS_SQL, {'lo': lo, 'hi': hi})
+      where = _NULL_AD if lo is None else _IN_RANGE
+      cur.execute(_ROWS_SQL.format(where=where), {'lo': lo, 'hi': hi, 'max_id': max_id})
       for rec in cur:
         yield row_from_record(rec, classes, min_confidence)
   finally:

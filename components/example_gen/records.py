@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from components import names
 
 # Dead-letter reasons (also the Beam counter names, prefixed `dead_letter_`).
 HTTP_404 = 'http_404'
@@ -32,7 +34,7 @@ BAD_ROW = 'bad_row'
 MISSING_FILE = 'missing_file'
 
 JPEG_MAGIC = b'\xff\xd8\xff'
-CLASS_SEP = '|'
+CLASS_SEP = names.CLASS_SEP
 
 
 @dataclasses.dataclass
@@ -206,26 +208,68 @@ def to_example(row: Row, data: bytes, width: int, height: int):
   return tf.train.Example(features=tf.train.Features(feature=feats))
 
 
-def rows_from_csv_line(line: str, line_no: int = 0) -> List[Row]:
-  """One cars.csv line (`ad_id,make,model,submodel,hashish`) -> one Row per p_hash.
+CSV_HEADER = ('ad_id', 'make', 'model', 'submodel', 'hashish')
 
-  A malformed line still yields one row (reason `bad_row`) so it is counted.
+
+def _bad(detail: str, ad_id: Optional[int] = None) -> Row:
+  return Row(ad_id=ad_id, p_hash='', reason=BAD_ROW, detail=detail)
+
+
+def rows_from_csv_fields(fields: Sequence[str], where: str) -> List[Row]:
+  """One cars.csv record (`ad_id,make,model,submodel,hashish`) -> one Row per p_hash.
+
+  A malformed record still yields one row (reason `bad_row`, `where` = file:line) so it
+  is counted.
   """
-  import csv  # pylint: disable=g-import-not-at-top
-  try:
-    fields = next(csv.reader([line]))
-  except (csv.Error, StopIteration) as e:
-    return [Row(ad_id=None, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: {e}')]
-  if len(fields) != 5:
-    return [Row(ad_id=None, p_hash='', reason=BAD_ROW,
-                detail=f'line {line_no}: {len(fields)} fields, expected 5')]
+  if len(fields) != len(CSV_HEADER):
+    return [_bad(f'{where}: {len(fields)} fields, expected {len(CSV_HEADER)}')]
   ad_raw, make, model, submodel, hashish = fields
   try:
     ad_id = int(ad_raw)
   except ValueError:
-    return [Row(ad_id=None, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: ad_id {ad_raw!r}')]
+    return [_bad(f'{where}: ad_id {ad_raw!r}')]
   hashes = [h.strip() for h in hashish.split(',')] if hashish.strip() else []
   if not hashes:
-    return [Row(ad_id=ad_id, p_hash='', reason=BAD_ROW, detail=f'line {line_no}: no p_hash')]
+    return [_bad(f'{where}: no p_hash', ad_id)]
   return [Row(ad_id=ad_id, p_hash=h, position=pos, make=make or None, model=model or None,
               submodel=submodel or None) for pos, h in enumerate(hashes)]
+
+
+def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
+  """Every record of one cars.csv file, parsed as CSV (quoted fields may hold newlines).
+
+  The header is recognised, not assumed: a file without one keeps its first record. A
+  record with bytes that are not UTF-8 is one `bad_row`, not a failed ingest. Details
+  name the file and the record's first line.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  text = data.decode('utf-8', 'surrogateescape')
+  if text.startswith('\ufeff'):
+    text = text[1:]  # a UTF-8 byte-order mark (spreadsheet exports)
+  reader = csv.reader(io.StringIO(text, newline=''))
+  line, first = 0, True
+  while True:
+    start = line + 1
+    try:
+      fields = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      line = reader.line_num
+      yield _bad(f'{source}:{start}: {e}')
+      continue
+    line = reader.line_num
+    if not any(f.strip() for f in fields):
+      continue  # a blank line is no row
+    where = f'{source}:{start}'
+    if first:
+      first = False
+      if tuple(f.strip().lower() for f in fields) == CSV_HEADER:
+        continue
+      if not fields[0].strip().isdigit():
+        yield _bad(f'{where}: header {fields!r} is not {",".join(CSV_HEADER)}')
+        continue
+    if any('\udc80' <= ch <= '\udcff' for f in fields for ch in f):
+      yield _bad(f'{where}: not UTF-8')
+      continue
+    yield from rows_from_csv_fields(fields, where)

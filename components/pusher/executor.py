@@ -18,8 +18,10 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
 from components import serving
+from components import names
+from components.features import SPLIT_ROLES
 
-CARD = 'model_card.json'
+CARD = names.MODEL_CARD
 
 
 def _blessed(artifacts: List[types.Artifact]) -> bool:
@@ -65,22 +67,25 @@ class Executor(base_executor.BaseExecutor):
       pushed.set_int_custom_property('pushed', 0)
       pushed.set_string_custom_property('not_pushed_reason', ', '.join(failed))
       return
-    src = os.path.join(model.uri, 'Format-Serving')
-    tdir = os.path.join(src, serving.TFLITE_DIR)
+    src = os.path.join(model.uri, names.SERVING_DIR)
+    tdir = os.path.join(src, names.TFLITE_DIR)
     evaluation = artifact_utils.get_single_instance(input_dict['tflite_evaluation'])
     with tf.io.gfile.GFile(os.path.join(evaluation.uri, 'metrics.json')) as f:
       judged = json.load(f)
-    with tf.io.gfile.GFile(os.path.join(tdir, 'training.json')) as f:
+    with tf.io.gfile.GFile(os.path.join(tdir, names.TRAINING_JSON)) as f:
       training = json.load(f)
     extras = json.loads(exec_properties.get('model_card') or '{}')
     now = datetime.datetime.now(datetime.timezone.utc)
-    version = now.strftime('%Y%m%dT%H%M%SZ') + f'-m{model.id}'
     push_dir = exec_properties['push_dir']
+    # One version everywhere: the one the Trainer wrote into the TFLite metadata.
+    version = training.get('exported_at') or now.strftime('%Y%m%dT%H%M%SZ')
+    if tf.io.gfile.exists(os.path.join(push_dir, version)):
+      version += f'-m{model.id}'
     final = os.path.join(push_dir, version)
     partial = os.path.join(push_dir, f'.partial-{version}')
     tf.io.gfile.makedirs(partial)
     files = {}
-    for name in (serving.INT8, serving.FP16, serving.LABELS):
+    for name in (names.INT8, names.FP16, names.LABELS):
       tf.io.gfile.copy(os.path.join(tdir, name), os.path.join(partial, name), overwrite=True)
       files[name] = {'bytes': tf.io.gfile.stat(os.path.join(tdir, name)).length,
                      'sha256': _sha256(os.path.join(tdir, name))}
@@ -101,18 +106,22 @@ class Executor(base_executor.BaseExecutor):
                      'output': 'probabilities in labels.txt order',
                      # averaged inside the model over these views of the photo (model.serving_views)
                      'test_time_views': inside.get('views', ['full']),
-                     'labels': len(serving.read_labels(os.path.join(tdir, serving.LABELS)))},
+                     'labels': len(serving.read_labels(os.path.join(tdir, names.LABELS)))},
         'files': files,
         'metrics': {judged['split']: {
             'int8_tflite': {k: judged['metrics'][k] for k in
                             ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
                              'per_ad', 'unknown_classes') if k in judged['metrics']},
-            'float_savedmodel': judged['metrics'].get('float'),
-            'split': 'eval: ads hashed by ad_id (no ad in both splits), never trained on'},
+            'float_savedmodel': judged['metrics'].get('float')},
+            'validation': {'float_keras': training['history'].get('validation')},
             'train': {'float_keras_last_epoch': {
                 k: v[-1] for stage in training['history'].get('stages', {}).values()
                 if isinstance(stage, dict) for k, v in stage.items()
                 if isinstance(v, list) and k.startswith('class_')}}},
+        # Which split did what: ads hashed by ad_id, no ad in two splits.
+        'splits': {'by': 'sha256(ad_id) buckets', 'roles': SPLIT_ROLES,
+                   'judged_on': judged['split'],
+                   'trainer_inputs': training['history'].get('inputs')},
         'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
                          'always_float': inside.get('int8_float_ops')},
         'checks': judged['checks'],

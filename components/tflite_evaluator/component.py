@@ -32,7 +32,7 @@ class TFLiteEvaluator(base_beam_component.BaseBeamComponent):
   EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
   def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, gate_config: str,
-               baseline_model: Optional[types.BaseChannel] = None, split: str = 'eval'):
+               baseline_model: Optional[types.BaseChannel] = None, split: str = 'test'):
     super().__init__(spec=TFLiteEvaluatorSpec(
         examples=examples, model=model, baseline_model=baseline_model,
         gate_config=gate_config, split=split,

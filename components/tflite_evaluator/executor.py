@@ -1,6 +1,6 @@
 """Executor of TFLiteEvaluator: the deploy gate, judged on the int8 TFLite that ships.
 
-On the eval split (split by ad) it runs, photo by photo, the candidate's int8
+On the test split (split by ad, never seen by the Trainer) it runs, photo by photo, the candidate's int8
 `model.tflite` (through LiteRT, as a phone does) and its float SavedModel; blessed
 only when the int8 model clears every floor in config, drops at most
 `max_int8_drop` top-1 against the float model (parity), and does not regress more
@@ -20,6 +20,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
 from components import serving
+from components import names
 
 BLESSED_FILE, NOT_BLESSED_FILE = 'BLESSED', 'NOT_BLESSED'
 METRICS_FILE = 'metrics.json'
@@ -32,12 +33,12 @@ class _Predict(beam.DoFn):
     self.candidate_dir, self.baseline_dir = candidate_dir, baseline_dir
 
   def setup(self):
-    self.int8 = serving.TFLiteModel(os.path.join(self.candidate_dir, serving.TFLITE_DIR, serving.INT8))
+    self.int8 = serving.TFLiteModel(os.path.join(self.candidate_dir, names.TFLITE_DIR, names.INT8))
     self.float = serving.SavedModel(self.candidate_dir)
     self.base = None
     if self.baseline_dir:
       self.base = serving.TFLiteModel(
-          os.path.join(self.baseline_dir, serving.TFLITE_DIR, serving.INT8))
+          os.path.join(self.baseline_dir, names.TFLITE_DIR, names.INT8))
 
   def process(self, batch: List[bytes]):
     rows = [tf.train.Example.FromString(b).features.feature for b in batch]
@@ -87,15 +88,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
          output_dict: Dict[str, List[types.Artifact]],
          exec_properties: Dict[str, Any]) -> None:
     gate = json.loads(exec_properties['gate_config'])
-    split = exec_properties.get('split') or 'eval'
+    split = exec_properties.get('split') or 'test'
     examples = artifact_utils.get_single_instance(input_dict['examples'])
     model = artifact_utils.get_single_instance(input_dict['model'])
-    candidate = os.path.join(model.uri, 'Format-Serving')
+    candidate = os.path.join(model.uri, names.SERVING_DIR)
     baseline = None
     if input_dict.get('baseline_model'):
       base_art = input_dict['baseline_model'][0]
-      baseline = os.path.join(base_art.uri, 'Format-Serving')
-      if not tf.io.gfile.exists(os.path.join(baseline, serving.TFLITE_DIR, serving.INT8)):
+      baseline = os.path.join(base_art.uri, names.SERVING_DIR)
+      if not tf.io.gfile.exists(os.path.join(baseline, names.TFLITE_DIR, names.INT8)):
         logging.warning('baseline %s has no int8 TFLite; judged without it', baseline)
         baseline = None
     evaluation = artifact_utils.get_single_instance(output_dict['evaluation'])
@@ -112,7 +113,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     with tf.io.gfile.GFile(os.path.join(out_uri, '_records.json')) as f:
       records = json.load(f)
     tf.io.gfile.remove(os.path.join(out_uri, '_records.json'))
-    labels = serving.read_labels(os.path.join(candidate, serving.TFLITE_DIR, serving.LABELS))
+    labels = serving.read_labels(os.path.join(candidate, names.TFLITE_DIR, names.LABELS))
     result = judge(records, labels, gate, baseline is not None)
     result.update(split=split, model=candidate, baseline=baseline, gate=gate)
     with tf.io.gfile.GFile(os.path.join(out_uri, METRICS_FILE), 'w') as f:

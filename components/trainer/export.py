@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 
 from components import features as F
+from components import names
 from components.trainer import model as M
 
-TFLITE_DIR = 'tflite'
 TOP_K = 5
 
 
@@ -76,14 +76,19 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   full.save(out_dir, save_format='tf', include_optimizer=False, signatures={
       'serving_default': serve_jpeg, 'serve_examples': serve_examples,
       'transform_features': transform_features, 'serve_pixels': serve_pixels})
-  tdir = os.path.join(out_dir, TFLITE_DIR)
+  tdir = os.path.join(out_dir, names.TFLITE_DIR)
   tf.io.gfile.makedirs(tdir)
-  with tf.io.gfile.GFile(os.path.join(tdir, 'labels.txt'), 'w') as f:
+  with tf.io.gfile.GFile(os.path.join(tdir, names.LABELS), 'w') as f:
     f.write('\n'.join(class_labels) + '\n')
-  rep = representative_pixels(fn_args.train_files, tft_out.transformed_feature_spec(), size,
+  spec = tft_out.transformed_feature_spec()
+  # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
+  # so it is ranked on validation photos (never on the test split that the gates judge).
+  rep = representative_pixels(fn_args.train_files, spec, size,
                               int(cfg['model']['tflite_representative_samples']))
+  debug = representative_pixels(fn_args.eval_files, spec, size, DEBUG_SAMPLES)
   tflite_int8, tflite_fp16, kept_float = to_tflite(
-      full, size, rep, views, float_layers=int(cfg['model'].get('tflite_float_layers') or 0))
+      full, size, rep, views, float_layers=int(cfg['model'].get('tflite_float_layers') or 0),
+      debug=debug)
   # What the exported files do inside (the Pusher copies this onto the model card).
   history = dict(history, serving={'views': views, 'int8_float_ops': FLOAT_OPS,
                                    'int8_float_layers': kept_float})
@@ -98,19 +103,19 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
                      'in labels.txt order.'),
         version=version, license_text=cfg.get('license') or '')
   tflite_int8, tflite_fp16 = described['int8'], described['fp16']
-  with tf.io.gfile.GFile(os.path.join(tdir, 'model.tflite'), 'wb') as f:
+  with tf.io.gfile.GFile(os.path.join(tdir, names.INT8), 'wb') as f:
     f.write(tflite_int8)
-  with tf.io.gfile.GFile(os.path.join(tdir, 'model_fp16.tflite'), 'wb') as f:
+  with tf.io.gfile.GFile(os.path.join(tdir, names.FP16), 'wb') as f:
     f.write(tflite_fp16)
-  with tf.io.gfile.GFile(os.path.join(tdir, 'training.json'), 'w') as f:
+  with tf.io.gfile.GFile(os.path.join(tdir, names.TRAINING_JSON), 'w') as f:
     json.dump({'config': cfg, 'history': history, 'labels': len(class_labels),
                'exported_at': version}, f, indent=1)
 
 
-def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:
-  """Photos from the train split, preprocessed exactly as at serving time."""
+def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:
+  """The first `n` photos of a split, preprocessed exactly as at serving time."""
   from components.trainer import task  # pylint: disable=g-import-not-at-top
-  files = task._files(train_patterns)  # pylint: disable=protected-access
+  files = task._files(patterns)  # pylint: disable=protected-access
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP').take(n)
   out = []
   for s in ds:
@@ -120,6 +125,7 @@ def representative_pixels(train_patterns: List[str], spec: Dict, size: int, n: i
 
 
 FLOAT_OPS = ['FULLY_CONNECTED', 'SOFTMAX']  # the head stays float in the int8 model
+DEBUG_SAMPLES = 64  # validation photos that rank the layers kept float
 
 
 def quantisation_errors(debugger) -> List[Dict]:
@@ -140,15 +146,15 @@ def quantisation_errors(debugger) -> List[Dict]:
 
 
 def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: int = 0,
-              debug_samples: int = 64):
+              debug: np.ndarray = None):
   """(int8 bytes, fp16 bytes, the layers kept float); both take uint8 [1, size, size, 3]
   and output float probabilities.
 
   int8: selective quantisation with tf.lite.experimental.QuantizationDebugger. The head
   (FULLY_CONNECTED, SOFTMAX) stays float: an int8 softmax outputs multiples of 1/256, so
   close classes tie and the top-5 order is lost. With `float_layers` N, the N layers whose
-  int8 outputs stray furthest from float on `debug_samples` calibration photos stay float
-  too (in EfficientNet-Lite: the stem and the first depthwise convolutions).
+  int8 outputs stray furthest from float on the `debug` photos (default: the first
+  DEBUG_SAMPLES calibration photos) stay float too (in EfficientNet-Lite: the stem and the first depthwise convolutions).
   """
   from tensorflow.lite.python import util as tfl_util  # pylint: disable=g-import-not-at-top
 
@@ -172,7 +178,7 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
       yield [img[None].astype(np.float32)]
 
   def debug_gen():
-    for img in rep[:debug_samples]:
+    for img in (rep[:DEBUG_SAMPLES] if debug is None else debug):
       yield [img[None].astype(np.float32)]
 
   conv.representative_dataset = gen

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
 
 from components.backbone import efficientnet_lite as el
+from components.views import parse_views  # noqa: F401  (M.parse_views for callers)
 
 CLASS_OUT, MAKE_OUT = 'class', 'make'
 
@@ -64,30 +65,6 @@ def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
 def named(outputs: Dict) -> Dict:
   """Names a nested model's outputs `class` / `make`, so metrics read `val_class_top1`."""
   return {k: keras.layers.Activation('linear', name=k)(v) for k, v in outputs.items()}
-
-
-VIEWS = ('full', 'flip', 'crop:<fraction>')
-
-
-def parse_views(views: Sequence[str]) -> List[str]:
-  """Validates `model.serving_views`: `full` (the contract's whole photo), `flip` (mirrored),
-  `crop:<f>` (the central fraction f of each side, resized back)."""
-  if not views:
-    raise ValueError('model.serving_views: give at least one view (e.g. [full])')
-  out = []
-  for v in views:
-    v = str(v).strip()
-    if v.startswith('crop:'):
-      try:
-        frac = float(v[5:])
-      except ValueError:
-        frac = -1.0
-      if not 0.3 <= frac < 1.0:
-        raise ValueError(f'model.serving_views: {v!r} needs a fraction in [0.3, 1), e.g. crop:0.875')
-    elif v not in ('full', 'flip'):
-      raise ValueError(f'model.serving_views: unknown view {v!r} (one of {", ".join(VIEWS)})')
-    out.append(v)
-  return out
 
 
 def _view(x, view: str):

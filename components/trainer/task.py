@@ -3,7 +3,8 @@
 Stage `trainable: none` never runs the frozen backbone more than once per photo: its
 pooled activations are computed once (plus a few augmented views) and only the heads
 are trained on them. Later stages unfreeze the top blocks and train end to end on
-augmented photos. The best epoch on the eval split is restored (early stopping).
+augmented photos. Every choice (best epoch, stage roll-back, the warm-start bar) is made on
+the validation split (TFX `eval_args`); the test split never reaches the Trainer.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from components import features as F
+from components import names
 from components.trainer import model as M
 from components.trainer import export
 
@@ -28,6 +30,25 @@ def _files(patterns: List[str]) -> List[str]:
   for p in patterns:
     out.extend(tf.io.gfile.glob(p if any(c in p for c in '*?[') else os.path.join(p, '*')))
   return sorted(out)
+
+
+def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[str, List[str]]:
+  """The files the Trainer may open, recorded on its output; a test-split file is refused.
+
+  The gates judge the test split: a Trainer that read it (a mis-wired eval_args, an old
+  two-split pipeline) would choose its weights on the figures it is judged by.
+  """
+  dirs = {'train': sorted({os.path.dirname(f) for f in train_files}),
+          'validation': sorted({os.path.dirname(f) for f in validation_files})}
+  for role, ds in dirs.items():
+    for d in ds:
+      if os.path.basename(d) != f'Split-{role}':
+        raise ValueError(f'Trainer {role} input {d} is not a Split-{role} directory: the '
+                         'Trainer reads train (fit) and validation (choices) only')
+  if not train_files or not validation_files:
+    raise ValueError(f'Trainer inputs: {len(train_files)} train and {len(validation_files)} '
+                     'validation files; both splits need examples')
+  return dirs
 
 
 def decode(jpeg: tf.Tensor, size: int) -> tf.Tensor:
@@ -144,13 +165,13 @@ def warm_start(full: keras.Model, path: str, class_labels: List[str]) -> str:
   Refuses a model trained on another label vocabulary (a different order would silently
   scramble the classes) or another architecture (weights must match one to one).
   """
-  cands = [path, os.path.join(path, 'Format-Serving'), os.path.join(path, 'saved_model')]
+  cands = [path, os.path.join(path, names.SERVING_DIR), os.path.join(path, names.PUSHED_SAVED_MODEL)]
   src = next((c for c in cands if tf.io.gfile.exists(os.path.join(c, 'saved_model.pb'))), None)
   if src is None:
     raise FileNotFoundError(f'model.warm_start: no SavedModel at {path}')
   from components import serving  # pylint: disable=g-import-not-at-top
   # labels.txt: in tflite/ next to a Trainer's SavedModel, or beside a pushed version's.
-  lbls = [os.path.join(src, serving.TFLITE_DIR, serving.LABELS), os.path.join(path, serving.LABELS)]
+  lbls = [os.path.join(src, names.TFLITE_DIR, names.LABELS), os.path.join(path, names.LABELS)]
   lbl = next((c for c in lbls if tf.io.gfile.exists(c)), None)
   if lbl is None:
     raise FileNotFoundError(f'model.warm_start: no labels.txt with {src}')
@@ -187,7 +208,9 @@ def run_fn(fn_args):
   n_classes = tft_out.vocabulary_size_by_name(F.vocab_name('class'))
   n_makes = tft_out.vocabulary_size_by_name(F.vocab_name('make'))
   spec = tft_out.transformed_feature_spec()
+  # eval_files are the validation split (Trainer eval_args): what chooses, never what judges.
   train_files, eval_files = _files(fn_args.train_files), _files(fn_args.eval_files)
+  opened = check_inputs(train_files, eval_files)
   logging.info('classes=%d makes=%d train files=%s', n_classes, n_makes, train_files)
 
   base = M.backbone(mc)
@@ -239,7 +262,7 @@ def run_fn(fn_args):
     xtr = np.concatenate([p[0] for p in parts])
     ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
     xev, yev = cached_features(lower, data(eval_files, False), backbone=mc['backbone'])
-    logging.info('cached activations: train %s eval %s (%.0f MB) in %.1fs', xtr.shape,
+    logging.info('cached activations: train %s validation %s (%.0f MB) in %.1fs', xtr.shape,
                  xev.shape, (xtr.nbytes + xev.nbytes) / 2**20, time.time() - ts)
     return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts}
 
@@ -257,12 +280,12 @@ def run_fn(fn_args):
         c['pooled'] = (run(xtr), ytr, run(xev), yev)
     return c['pooled']
 
-  best = -1.0  # best eval top-1 so far; a stage that does not beat it is rolled back
+  best = -1.0  # best validation top-1 so far; a stage that does not beat it is rolled back
   started_from = None
   if mc.get('warm_start'):
     _compile(full, 1e-4, smoothing)
     best = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)['class_top1']
-    started_from = {'source': src, 'eval_top1': float(best)}
+    started_from = {'source': src, 'validation_top1': float(best)}
   for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
     ts = time.time()
@@ -274,7 +297,7 @@ def run_fn(fn_args):
     if stage['trainable'] == 'none':
       xtr, ytr, xev, yev = pooled(cache)
       train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
-      model, val = head, ArrayBatches(xev, yev, 256, n_out, shuffle=False)
+      val = ArrayBatches(xev, yev, 256, n_out, shuffle=False)
       steps = len(train_seq) * epochs
       _compile(head, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
       h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(stage), tb],
@@ -308,17 +331,17 @@ def run_fn(fn_args):
       if upper is not None:
         M.el.copy_weights(base, upper)
       history[name]['rolled_back'] = True
-      logging.info('stage %s: best eval top-1 %.4f < %.4f before it; weights restored',
+      logging.info('stage %s: best validation top-1 %.4f < %.4f before it; weights restored',
                    name, stage_best, best)
     best = max(best, stage_best)
     logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
   if cache is not None:
     history['cache_seconds'] = cache['seconds']
 
-  # Final figures of the restored model on the eval split (Keras, float).
+  # Final figures of the restored model on the validation split (Keras, float).
   _compile(full, 1e-4, smoothing)
   final = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)
-  logging.info('float model on eval split: %s', final)
-  export.export_all(full, tft_out, fn_args, cfg, history={'stages': history, 'eval': final,
-                                                           'warm_start': started_from,
-                                                           'train_seconds': time.time() - t0})
+  logging.info('float model on the validation split: %s', final)
+  export.export_all(full, tft_out, fn_args, cfg, history={
+      'stages': history, 'validation': final, 'warm_start': started_from, 'inputs': opened,
+      'train_seconds': time.time() - t0})

@@ -17,6 +17,7 @@ from typing import Dict, List
 import flatbuffers
 
 from components.third_party import tflite_metadata_schema_py_generated as meta_fb
+from components import names
 
 METADATA_FIELD_NAME = 'TFLITE_METADATA'
 MODEL_IDENTIFIER = b'TFL3'
@@ -24,7 +25,7 @@ METADATA_IDENTIFIER = b'M001'
 # What tflite-support 0.4.4's GetMinimumMetadataParserVersion returns for this content
 # (image properties, normalisation, stats, an associated label file).
 MIN_PARSER_VERSION = '1.0.0'
-LABELS_FILE = 'labels.txt'
+LABELS_FILE = names.LABELS
 
 
 def _schema():
@@ -128,6 +129,7 @@ def read(model_bytes: bytes) -> Dict:
   out_files = [f.name.decode() for f in graph.outputTensorMetadata[0].associatedFiles or []]
   return {'name': md.name.decode(), 'version': md.version.decode(),
           'description': md.description.decode(),
+          'license': (md.license or b'').decode(),
           'min_parser_version': md.minParserVersion.decode(),
           'input': graph.inputTensorMetadata[0].name.decode(),
           'output': graph.outputTensorMetadata[0].name.decode(),

@@ -1,0 +1,9 @@
+"""Errors a user fixes (a setting, an argument, an input), as opposed to defects.
+
+The command line prints their message as one line and exits with a usage code; the
+message names the setting or argument and what is allowed.
+"""
+
+
+class UserError(ValueError):
+  """A configuration, argument or input value to fix; the message says which and how."""

@@ -1,0 +1,16 @@
+"""File, directory and label names shared by the Trainer, the gates, the Pusher, serving
+and the command line: each spelled here once."""
+SERVING_DIR = 'Format-Serving'   # the serving model inside a TFX Trainer's Model artifact
+TFLITE_DIR = 'tflite'            # beside the SavedModel in a serving model directory
+INT8 = 'model.tflite'            # the file that ships
+FP16 = 'model_fp16.tflite'
+LABELS = 'labels.txt'            # one make|model|submodel per output index
+TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
+MODEL_CARD = 'model_card.json'
+PUSHED_SAVED_MODEL = 'saved_model'
+CLASS_SEP = '|'                  # make|model|submodel
+
+
+def split_label(label: str):
+  """`make|model|submodel` -> (make, model, submodel), '' for any missing part."""
+  return tuple((label.split(CLASS_SEP) + ['', '', ''])[:3])

@@ -1,0 +1,45 @@
+"""The configuration is checked whole before any work starts: one line per problem naming
+the key, the value given and what is allowed (issue: config validation)."""
+import pytest
+
+from pipeline import config
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'evaluate.top1_min': 'high'}, "evaluate.top1_min='high': Input should be a valid number"),
+    ({'evaluate.top1_min': 1.5}, 'evaluate.top1_min=1.5: Input should be less than or equal to 1'),
+    ({'model.batch_size': -4}, 'model.batch_size=-4: Input should be greater than 0'),
+    ({'model.backbone': 'resnet50'}, "model.backbone='resnet50': one of efficientnet_lite0"),
+    ({'ingest.splits': {'train': 0, 'validation': 0, 'test': 0}}, 'ingest.splits.train=0: a positive'),
+    ({'ingest.max_dead_letter_share': -1}, 'ingest.max_dead_letter_share=-1: Input should be greater'),
+    ({'ingest.http.concurrency': -5}, 'ingest.http.concurrency=-5: Input should be greater than 0'),
+    ({'ingest.http': 5}, 'ingest.http=5: a section'),
+    ({'model.warm_start': 'runs/no-such-model'}, "model.warm_start='runs/no-such-model': no such file"),
+    ({'model.stages': [{'trainable': 'some'}]}, "model.stages[0].trainable='some': one of none, top_blocks, all"),
+    ({'ingest.bogus': 1}, 'ingest.bogus: unknown key'),
+    ({'ingest.image_url_template': 'http://host/photos/'}, 'must contain {p_hash}'),
+    ({'ingest.p_hash_pattern': '(['}, 'not a regular expression'),
+    ({'model.serving_views': ['mirror']}, "unknown view 'mirror'"),
+])
+def test_bad_values_are_named_before_any_work(override, message):
+  with pytest.raises(config.ConfigError) as e:
+    config.load('demo', override)
+  assert message in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_every_problem_is_named_at_once_and_a_password_is_never_echoed():
+  with pytest.raises(config.ConfigError) as e:
+    config.load('demo', {'model.batch_size': 0, 'evaluate.top5_min': 2,
+                         'ingest.dsn': 'host=db dbname=seez password=hunter2'})
+  text = str(e.value)
+  assert 'model.batch_size=0' in text and 'evaluate.top5_min=2' in text
+  assert 'contains a password' in text and 'hunter2' not in text
+
+
+def test_shipped_configs_load_and_round_trip_through_json():
+  for name in ('default', 'demo', 'car_ads', 'dataflow'):
+    cfg = config.load(name)
+    again = config.from_json(cfg.to_json())
+    assert again.to_json() == cfg.to_json()
+  assert config.load('car_ads').model.stages[0].trainable == 'none'
