@@ -5,6 +5,7 @@ TFLITE_DIR = 'tflite'            # beside the SavedModel in a serving model dire
 INT8 = 'model.tflite'            # the file that ships
 FP16 = 'model_fp16.tflite'
 LABELS = 'labels.txt'            # one make|model|submodel per output index
+MAKE_LABELS = 'make_labels.txt'  # one make per index of the make head
 TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
 MODEL_CARD = 'model_card.json'
 PUSHED_SAVED_MODEL = 'saved_model'

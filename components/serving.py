@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from components import calibration
+
 from components.names import CLASS_SEP, PUSHED_SAVED_MODEL
 from components.names import INT8, LABELS, TFLITE_DIR
 
@@ -130,6 +132,8 @@ def score(probs: np.ndarray, labels: List[str], truth: Sequence[str],
          'top5_accuracy': float(top5.mean()) if len(y) else None,
          'make_accuracy': float(make_ok.mean()) if len(y) else None,
          'unknown_classes': int((y < 0).sum()),
+         # calibration of the top-1 probability (15 bins), photos of known classes
+         'ece': calibration.ece(probs[y >= 0], y[y >= 0]) if (y >= 0).any() else None,
          'per_make': {m: {'top1_accuracy': c / n, 'examples': n}
                       for m, (c, n) in sorted(per_make.items())},
          'confused_pairs': [{'true': t, 'predicted': p, 'count': n}

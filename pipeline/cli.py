@@ -305,7 +305,8 @@ def cmd_evaluate(args) -> int:
     serving.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
                          metrics, checks)
   if not args.json:
-    print(f"photos {metrics['examples']} (skipped {skipped}): top-1 {metrics['top1_accuracy']:.4f} "
+    left_out = ', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'
+    print(f"photos {metrics['examples']} (left out: {left_out}): top-1 {metrics['top1_accuracy']:.4f} "
           f"top-5 {metrics['top5_accuracy']:.4f} make {metrics['make_accuracy']:.4f}")
     ad = metrics['per_ad']
     print(f"ads {ad['examples']}: top-1 {ad['top1_accuracy']:.4f} top-5 {ad['top5_accuracy']:.4f}")

@@ -47,6 +47,7 @@ NonNegative = Annotated[int, pydantic.Field(ge=0)]
 Seconds = Annotated[float, pydantic.Field(gt=0.0)]
 BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
 TRAINABLE = ('none', 'top_blocks', 'all')
+WARM_STARTS = ('none', 'latest_blessed')
 
 
 def _one_of(values):
@@ -135,13 +136,19 @@ class ModelConfig:
   # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
   # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
   tflite_float_layers: NonNegative = 0
+  # Temperature scaling of both heads fitted on the validation split and baked into the
+  # weights: every exported file returns calibrated probabilities (model card: T, ECE).
+  calibrate: bool = True
   # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
   # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
   serving_views: Annotated[List[str], _check(parse_views)] = dataclasses.field(
       default_factory=lambda: ['full'])
-  # A Trainer output (`.../Trainer/model/<id>`) or pushed version (`<push.dir>/<version>`) whose
-  # weights start this training (same backbone, size and label vocabulary): resume across runs.
-  warm_start: Annotated[Optional[str], _check(lambda v: check_local_path(v))] = None
+  # Where training starts: `none` (ImageNet weights), `latest_blessed` (the latest model this
+  # pipeline's int8 gate blessed, TFX base_model; ImageNet on the first run) or a path to a
+  # Trainer output / pushed version. Same backbone; labels are mapped (new classes start fresh).
+  warm_start: Annotated[Optional[str], _check(lambda v: check_warm_start(v))] = 'none'
+  # The schedule used instead of `stages` when training starts from a previous model.
+  warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
@@ -243,10 +250,13 @@ def _regex(v: str) -> None:
     raise ValueError(f'not a regular expression: {e}') from None
 
 
-def check_local_path(v: str) -> None:
-  """A local path that must exist now, not after four components ran (gs:// is not checked)."""
-  if '://' not in v and not os.path.exists(os.path.join(REPO_ROOT, v)):
-    raise ValueError('no such file or directory')
+def check_warm_start(v: str) -> None:
+  """`none`, `latest_blessed`, or a local path that must exist now, not after four components
+  ran (gs:// is not checked)."""
+  if v in WARM_STARTS or '://' in v:
+    return
+  if not os.path.exists(os.path.join(REPO_ROOT, v)):
+    raise ValueError(f'no such file or directory (or one of {", ".join(WARM_STARTS)})')
 
 
 def check_dsn(dsn: Optional[str], setting: str = 'ingest.dsn') -> None:

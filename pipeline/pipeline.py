@@ -77,18 +77,8 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
       # can open it. The gates read it from ExampleGen's raw examples.
       splits_config=tfx.proto.SplitsConfig(analyze=['train'], transform=['train', 'validation']))
 
-  trainer = tfx.components.Trainer(
-      run_fn='components.trainer.task.run_fn',
-      examples=transform.outputs['transformed_examples'],
-      transform_graph=transform.outputs['transform_graph'],
-      schema=schema_gen.outputs['schema'],
-      train_args=tfx.proto.TrainArgs(splits=['train']),
-      eval_args=tfx.proto.EvalArgs(splits=['validation']),  # everything the Trainer chooses
-      # Only the model section: a gate or push change must not invalidate a cached Trainer.
-      custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
-                                           'license': cfg.push.license}, sort_keys=True)})
-
-  # Baseline = the latest model the int8 gate blessed (not merely the float gate).
+  # The latest model the int8 gate blessed (not merely the float gate): the gates' baseline,
+  # and where training starts with model.warm_start: latest_blessed.
   model_resolver = tfx.dsl.Resolver(
       strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
       model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -96,6 +86,19 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
                                      producer_component_id='TFLiteEvaluator',
                                      output_key='blessing'),
   ).with_id('latest_blessed_model_resolver')
+
+  trainer = tfx.components.Trainer(
+      run_fn='components.trainer.task.run_fn',
+      examples=transform.outputs['transformed_examples'],
+      transform_graph=transform.outputs['transform_graph'],
+      schema=schema_gen.outputs['schema'],
+      base_model=(model_resolver.outputs['model']
+                  if cfg.model.warm_start == 'latest_blessed' else None),
+      train_args=tfx.proto.TrainArgs(splits=['train']),
+      eval_args=tfx.proto.EvalArgs(splits=['validation']),  # everything the Trainer chooses
+      # Only the model section: a gate or push change must not invalidate a cached Trainer.
+      custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
+                                           'license': cfg.push.license}, sort_keys=True)})
 
   ev = cfg.evaluate
   # The deploy gate on what ships: the int8 TFLite on the test split (+ parity with float).
@@ -132,7 +135,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
       pipeline_name=cfg.pipeline.name,
       pipeline_root=root,
       components=[example_gen, statistics_gen, schema_gen, example_validator, transform,
-                  trainer, model_resolver, tflite_evaluator]
+                  model_resolver, trainer, tflite_evaluator]
                  + ([evaluator] if evaluator else []) + [pusher],
       enable_cache=cfg.pipeline.enable_cache,
       metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(

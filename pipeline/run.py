@@ -111,7 +111,7 @@ def summarize(cfg: Config) -> Dict[str, Any]:
       # The shipped artifact's gate (int8 TFLite, parity, regression): the one that blesses.
       'int8_gate': judged.get('checks', {}),
       'int8_metrics': {k: m.get(k) for k in ('examples', 'top1_accuracy', 'top5_accuracy',
-                                            'make_accuracy', 'per_ad', 'float')},
+                                            'make_accuracy', 'per_ad', 'float', 'ece')},
       'report': os.path.join(lite_eval.uri, 'report.html') if judged else None,
       # TFMA's verdict on the float SavedModel (pass/fail as TFMA decided it).
       'metrics': {k: {'value': metrics.get(k), 'threshold': v,
@@ -184,6 +184,8 @@ def format_summary(s: Dict[str, Any]) -> str:
       lines.append(f"    make-level top-1 {im['make_accuracy']:.4f}; per ad (photos averaged): "
                    f"top-1 {ad.get('top1_accuracy', float('nan')):.4f} top-5 "
                    f"{ad.get('top5_accuracy', float('nan')):.4f} over {ad.get('examples')} ads")
+      if im.get('ece') is not None:
+        lines.append(f"    calibration error (ECE, 15 bins) {im['ece']:.4f}")
     if s.get('report'):
       lines.append(f"    report: {s['report']}")
   if s.get('metrics'):

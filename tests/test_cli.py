@@ -122,7 +122,8 @@ def test_evaluate_exit_code_follows_the_gate():
   common = ('evaluate', '--data', TINY, '--limit', '24')
   res = _cli(*common, '--top1-min', '1.0')
   assert res.returncode == 4, res.stderr[-2000:]
-  assert 'verdict: FAIL' in res.stdout and '{' not in res.stdout  # human lines only
+  assert 'verdict: FAIL' in res.stdout
+  assert not any(l.startswith('{') for l in res.stdout.splitlines())  # human lines only
   res = _cli(*common, '--top1-min', '1.0', '--json')
   assert res.returncode == 4, res.stderr[-2000:]
   out = json.loads(res.stdout)

@@ -46,9 +46,10 @@ def test_dataflow_options_validate_offline(monkeypatch):
     runners.dataflow_args(config_lib.load('dataflow', {'cloud.project': None}))
   with pytest.raises(runners.CloudConfigError, match='gs://'):
     runners.dataflow_args(config_lib.load('dataflow', {'pipeline.root': 'runs/local'}))
-  # a password in the DSN, or the PGPASSWORD value in any argument, is refused
-  with pytest.raises(runners.CloudConfigError, match='password'):
-    runners.dataflow_args(config_lib.load('dataflow', {'ingest.dsn': 'host=x password=hunter2'}))
+  # a password in the DSN is refused when the config loads (every runner), and the
+  # PGPASSWORD value in any argument when the Dataflow arguments are made
+  with pytest.raises(config_lib.ConfigError, match='contains a password'):
+    config_lib.load('dataflow', {'ingest.dsn': 'host=x password=hunter2'})
   monkeypatch.setenv('PGPASSWORD', 'carvision-pg-bucket')
   with pytest.raises(runners.CloudConfigError, match='password'):
     runners.dataflow_args(config_lib.load(

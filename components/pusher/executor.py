@@ -85,7 +85,9 @@ class Executor(base_executor.BaseExecutor):
     partial = os.path.join(push_dir, f'.partial-{version}')
     tf.io.gfile.makedirs(partial)
     files = {}
-    for name in (names.INT8, names.FP16, names.LABELS):
+    for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS):
+      if name == names.MAKE_LABELS and not tf.io.gfile.exists(os.path.join(tdir, name)):
+        continue  # a model exported before make labels were written
       tf.io.gfile.copy(os.path.join(tdir, name), os.path.join(partial, name), overwrite=True)
       files[name] = {'bytes': tf.io.gfile.stat(os.path.join(tdir, name)).length,
                      'sha256': _sha256(os.path.join(tdir, name))}
@@ -111,7 +113,7 @@ class Executor(base_executor.BaseExecutor):
         'metrics': {judged['split']: {
             'int8_tflite': {k: judged['metrics'][k] for k in
                             ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
-                             'per_ad', 'unknown_classes') if k in judged['metrics']},
+                             'per_ad', 'unknown_classes', 'ece') if k in judged['metrics']},
             'float_savedmodel': judged['metrics'].get('float')},
             'validation': {'float_keras': training['history'].get('validation')},
             'train': {'float_keras_last_epoch': {
@@ -122,6 +124,8 @@ class Executor(base_executor.BaseExecutor):
         'splits': {'by': 'sha256(ad_id) buckets', 'roles': SPLIT_ROLES,
                    'judged_on': judged['split'],
                    'trainer_inputs': training['history'].get('inputs')},
+        # temperature per head fitted on validation (baked into the weights); ECE on test above
+        'calibration': training['history'].get('calibration'),
         'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
                          'always_float': inside.get('int8_float_ops')},
         'checks': judged['checks'],

@@ -80,6 +80,8 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   tf.io.gfile.makedirs(tdir)
   with tf.io.gfile.GFile(os.path.join(tdir, names.LABELS), 'w') as f:
     f.write('\n'.join(class_labels) + '\n')
+  with tf.io.gfile.GFile(os.path.join(tdir, names.MAKE_LABELS), 'w') as f:
+    f.write('\n'.join(labels(tft_out, 'make')) + '\n')
   spec = tft_out.transformed_feature_spec()
   # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
   # so it is ranked on validation photos (never on the test split that the gates judge).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -159,32 +159,106 @@ class ArrayBatches(keras.utils.Sequence):
       self.rng.shuffle(self.order)
 
 
-def warm_start(full: keras.Model, path: str, class_labels: List[str]) -> str:
-  """Loads a previous carvision model's weights into `full`; returns the SavedModel used.
-
-  Refuses a model trained on another label vocabulary (a different order would silently
-  scramble the classes) or another architecture (weights must match one to one).
-  """
+def _saved_model_dir(path: str) -> str:
   cands = [path, os.path.join(path, names.SERVING_DIR), os.path.join(path, names.PUSHED_SAVED_MODEL)]
   src = next((c for c in cands if tf.io.gfile.exists(os.path.join(c, 'saved_model.pb'))), None)
   if src is None:
     raise FileNotFoundError(f'model.warm_start: no SavedModel at {path}')
-  from components import serving  # pylint: disable=g-import-not-at-top
-  # labels.txt: in tflite/ next to a Trainer's SavedModel, or beside a pushed version's.
-  lbls = [os.path.join(src, names.TFLITE_DIR, names.LABELS), os.path.join(path, names.LABELS)]
-  lbl = next((c for c in lbls if tf.io.gfile.exists(c)), None)
-  if lbl is None:
-    raise FileNotFoundError(f'model.warm_start: no labels.txt with {src}')
-  prev_labels = serving.read_labels(lbl)
-  if prev_labels != list(class_labels):
-    raise ValueError(f'model.warm_start: {lbl} has another label vocabulary '
-                     f'({len(prev_labels)} vs {len(class_labels)} labels, or another order)')
-  prev = keras.models.load_model(src, compile=False)
-  theirs, ours = prev.get_weights(), full.get_weights()
-  if [w.shape for w in theirs] != [w.shape for w in ours]:
-    raise ValueError(f'model.warm_start: {src} has another architecture (backbone/size)')
-  full.set_weights(theirs)
   return src
+
+
+def previous_vocabularies(path: str, src: str) -> Dict[str, Optional[List[str]]]:
+  """The class and make vocabularies a previous model was trained with: labels.txt (in
+  tflite/ beside a Trainer's SavedModel, or beside a pushed version's), make_labels.txt
+  likewise, else Transform's make vocabulary among the SavedModel's assets; None if unknown."""
+  from components import serving  # pylint: disable=g-import-not-at-top
+  out: Dict[str, Optional[List[str]]] = {}
+  for head, fname, asset in ((M.CLASS_OUT, names.LABELS, F.vocab_name('class')),
+                             (M.MAKE_OUT, names.MAKE_LABELS, F.vocab_name('make'))):
+    cands = [os.path.join(src, names.TFLITE_DIR, fname), os.path.join(path, fname),
+             os.path.join(src, 'assets', asset)]
+    found = next((c for c in cands if tf.io.gfile.exists(c)), None)
+    out[head] = serving.read_labels(found) if found else None
+  if out[M.CLASS_OUT] is None:
+    raise FileNotFoundError(f'model.warm_start: no {names.LABELS} with {src}')
+  return out
+
+
+def _backbone_of(model: keras.Model) -> keras.Model:
+  head = model.get_layer('heads')
+  return next(l for l in model.layers if isinstance(l, keras.Model) and l is not head)
+
+
+def warm_start(full: keras.Model, path: str, vocab: Dict[str, List[str]]) -> Dict:
+  """Starts `full` from a previous carvision model (a Trainer output or a pushed version).
+
+  The backbone must be the same architecture (weights match one to one). The heads are
+  mapped by label, so a vocabulary that gained or lost classes (or makes) still starts
+  from the previous model: a label in both keeps its row, a new label keeps its fresh
+  initialisation, a dropped one is left out. Returns what was kept, added and dropped.
+  """
+  src = _saved_model_dir(path)
+  prev_vocab = previous_vocabularies(path, src)
+  prev = keras.models.load_model(src, compile=False)
+  theirs, ours = _backbone_of(prev), _backbone_of(full)
+  if [w.shape for w in theirs.get_weights()] != [w.shape for w in ours.get_weights()]:
+    raise ValueError(f'model.warm_start: {src} has another architecture (backbone/size)')
+  ours.set_weights(theirs.get_weights())
+  record = {'source': src}
+  for head_name in (M.CLASS_OUT, M.MAKE_OUT):
+    new_labels, old_labels = list(vocab[head_name]), prev_vocab[head_name]
+    layer = full.get_layer('heads').get_layer(head_name)
+    kernel, bias = layer.get_weights()
+    if old_labels is None:  # an old model that did not record it: this head starts fresh
+      record[head_name] = {'kept': 0, 'new': len(new_labels), 'dropped': None}
+      continue
+    old_kernel, old_bias = prev.get_layer('heads').get_layer(head_name).get_weights()
+    index = {label: i for i, label in enumerate(old_labels)}
+    kept = [(j, index[label]) for j, label in enumerate(new_labels) if label in index]
+    for j, i in kept:
+      kernel[:, j], bias[j] = old_kernel[:, i], old_bias[i]
+    layer.set_weights([kernel, bias])
+    record[head_name] = {'kept': len(kept),
+                         'new': sorted(set(new_labels) - set(index))[:50],
+                         'dropped': sorted(set(index) - set(new_labels))[:50]}
+  return record
+
+
+def warm_start_source(mc: Dict, base_model: Optional[str]) -> Optional[str]:
+  """model.warm_start: `none`, `latest_blessed` (the resolver's model: TFX base_model; None
+  on the first run) or a path."""
+  ws = mc.get('warm_start') or 'none'
+  if ws == 'none':
+    return None
+  if ws == 'latest_blessed':
+    return base_model or None
+  return ws
+
+
+def bake_temperature(head: keras.Model, temperatures: Dict[str, float]) -> None:
+  """softmax((xW + b) / T) == softmax(x (W / T) + b / T): the calibration lives in the weights,
+  so every exported file returns calibrated probabilities."""
+  for name, t in temperatures.items():
+    layer = head.get_layer(name)
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / t, bias / t])
+
+
+def calibrate(full: keras.Model, ds: tf.data.Dataset, views) -> Dict:
+  """Fits a temperature per head on the validation split, as the exported model answers
+  (test-time views included), and bakes it in; returns T and the validation ECE before/after."""
+  from components import calibration  # pylint: disable=g-import-not-at-top
+  probs = {M.CLASS_OUT: [], M.MAKE_OUT: []}
+  truth = {M.CLASS_OUT: [], M.MAKE_OUT: []}
+  for x, y in ds:
+    out = M.predict_views(full, x, views)
+    for k in probs:
+      probs[k].append(out[k].numpy())
+      truth[k].append(np.argmax(y[k].numpy(), -1))
+  record = {k: calibration.temperature_for(np.concatenate(probs[k]), np.concatenate(truth[k]))
+            for k in probs}
+  bake_temperature(full.get_layer('heads'), {k: r['temperature'] for k, r in record.items()})
+  return {'split': 'validation', **record}
 
 
 def _compile(m: keras.Model, schedule, smoothing: float):
@@ -217,9 +291,12 @@ def run_fn(fn_args):
   n_feat = int(base.output.shape[-1])
   head = M.heads(n_feat, n_classes, n_makes, float(mc['dropout']))
   full = M.classifier(base, head, size)
-  if mc.get('warm_start'):
-    src = warm_start(full, mc['warm_start'], export.labels(tft_out, 'class'))
-    logging.info('warm start from %s', src)
+  started_from = None
+  source = warm_start_source(mc, getattr(fn_args, 'base_model', None))
+  if source:
+    started_from = warm_start(full, source, {M.CLASS_OUT: export.labels(tft_out, 'class'),
+                                             M.MAKE_OUT: export.labels(tft_out, 'make')})
+    logging.info('warm start: %s', started_from)
   tb = keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, write_graph=False)
   history = {}
   smoothing = float(mc['label_smoothing'])
@@ -236,7 +313,8 @@ def run_fn(fn_args):
                    crop_prob=float(mc.get('bbox_crop_prob') or 0.0))
 
   n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
-  stages = mc['stages']
+  # A warm start continues a trained model: the short schedule when one is configured.
+  stages = mc['warm_start_stages'] if source and mc.get('warm_start_stages') else mc['stages']
   # Cached stages (frozen, or top blocks with `cached: true`) share one pass of the
   # frozen lower network over 1 clean + (feature_views - 1) augmented views of each photo.
   cached_tops = [int(st.get('top_blocks', 2)) for st in stages
@@ -281,11 +359,10 @@ def run_fn(fn_args):
     return c['pooled']
 
   best = -1.0  # best validation top-1 so far; a stage that does not beat it is rolled back
-  started_from = None
-  if mc.get('warm_start'):
+  if started_from:
     _compile(full, 1e-4, smoothing)
     best = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)['class_top1']
-    started_from = {'source': src, 'validation_top1': float(best)}
+    started_from['validation_top1'] = float(best)
   for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
     ts = time.time()
@@ -342,6 +419,11 @@ def run_fn(fn_args):
   _compile(full, 1e-4, smoothing)
   final = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)
   logging.info('float model on the validation split: %s', final)
+  calibrated = None
+  if mc.get('calibrate', True):
+    calibrated = calibrate(full, data(eval_files, False), M.parse_views(mc.get('serving_views') or ['full']))
+    logging.info('calibration: %s', calibrated)
   export.export_all(full, tft_out, fn_args, cfg, history={
       'stages': history, 'validation': final, 'warm_start': started_from, 'inputs': opened,
+      'calibration': calibrated,
       'train_seconds': time.time() - t0})

@@ -1,0 +1,71 @@
+"""Warm start from a previous model whose label vocabulary gained and lost classes."""
+import os
+
+import numpy as np
+import pytest
+
+from components import names
+from components.backbone import efficientnet_lite as el
+from components.trainer import model as M
+from components.trainer import task
+
+SIZE = 64
+
+
+def _model(classes, makes, variant='efficientnet_lite0', seed=0):
+  base = el.build(variant, (SIZE, SIZE, 3))
+  head = M.heads(int(base.output.shape[-1]), len(classes), len(makes), 0.0)
+  full = M.classifier(base, head, SIZE)
+  rng = np.random.default_rng(seed)
+  full.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) for w in full.get_weights()])
+  return full
+
+
+@pytest.fixture(scope='module')
+def previous(tmp_path_factory):
+  """A Trainer output: Format-Serving/ with the SavedModel and tflite/ label files."""
+  root = tmp_path_factory.mktemp('prev')
+  classes, makes = ['A|a|1', 'B|b|1', 'C|c|1'], ['A', 'B', 'C']
+  prev = _model(classes, makes, seed=1)
+  serving = root / names.SERVING_DIR
+  prev.save(str(serving), save_format='tf', include_optimizer=False)
+  (serving / names.TFLITE_DIR).mkdir()
+  (serving / names.TFLITE_DIR / names.LABELS).write_text('\n'.join(classes) + '\n')
+  (serving / names.TFLITE_DIR / names.MAKE_LABELS).write_text('\n'.join(makes) + '\n')
+  return str(root), prev, classes, makes
+
+
+def test_rows_are_mapped_by_label_new_classes_start_fresh(previous):
+  path, prev, _, _ = previous
+  classes, makes = ['B|b|1', 'A|a|1', 'D|d|1'], ['B', 'A', 'D']  # C dropped, D new, order changed
+  new = _model(classes, makes, seed=2)
+  fresh_k, fresh_b = new.get_layer('heads').get_layer(M.CLASS_OUT).get_weights()
+  record = task.warm_start(new, path, {M.CLASS_OUT: classes, M.MAKE_OUT: makes})
+  assert record['source'].endswith(names.SERVING_DIR)
+  assert record[M.CLASS_OUT] == {'kept': 2, 'new': ['D|d|1'], 'dropped': ['C|c|1']}
+  assert record[M.MAKE_OUT] == {'kept': 2, 'new': ['D'], 'dropped': ['C']}
+  old_k, old_b = prev.get_layer('heads').get_layer(M.CLASS_OUT).get_weights()
+  k, b = new.get_layer('heads').get_layer(M.CLASS_OUT).get_weights()
+  np.testing.assert_array_equal(k[:, 0], old_k[:, 1])  # B
+  np.testing.assert_array_equal(k[:, 1], old_k[:, 0])  # A
+  np.testing.assert_array_equal(k[:, 2], fresh_k[:, 2])  # D: its own initialisation
+  assert b[0] == old_b[1] and b[2] == fresh_b[2]
+  for ours, theirs in zip(task._backbone_of(new).get_weights(), task._backbone_of(prev).get_weights()):
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_another_backbone_or_no_model_is_refused(previous):
+  path, _, classes, makes = previous
+  other = _model(classes, makes, variant='efficientnet_lite1')
+  with pytest.raises(ValueError, match='another architecture'):
+    task.warm_start(other, path, {M.CLASS_OUT: classes, M.MAKE_OUT: makes})
+  with pytest.raises(FileNotFoundError, match='no SavedModel'):
+    task.warm_start(other, os.path.join(path, 'nowhere'), {})
+
+
+def test_warm_start_setting():
+  assert task.warm_start_source({'warm_start': 'none'}, '/m') is None
+  assert task.warm_start_source({'warm_start': None}, '/m') is None
+  assert task.warm_start_source({'warm_start': 'latest_blessed'}, None) is None  # first run
+  assert task.warm_start_source({'warm_start': 'latest_blessed'}, '/m') == '/m'
+  assert task.warm_start_source({'warm_start': '/p'}, '/m') == '/p'
