@@ -156,7 +156,8 @@ class EvaluateConfig:
   top1_min: Fraction = 0.80
   top5_min: Fraction = 0.95
   max_regression: Fraction = 0.01
-  max_int8_drop: Fraction = 0.01   # int8 TFLite top-1 may trail the float model by at most this
+  # int8 TFLite top-1 may trail the float model by at most this (negative: int8 must beat it)
+  max_int8_drop: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.01
   slice_by: List[str] = dataclasses.field(default_factory=list)
   tfma: bool = True             # also gate the float SavedModel with TFMA's Evaluator
 
