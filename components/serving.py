@@ -134,6 +134,9 @@ def score(probs: np.ndarray, labels: List[str], truth: Sequence[str],
          'unknown_classes': int((y < 0).sum()),
          # calibration of the top-1 probability (15 bins), photos of known classes
          'ece': calibration.ece(probs[y >= 0], y[y >= 0]) if (y >= 0).any() else None,
+         # the reliability diagram behind it: per confidence bin, photos / confidence / accuracy
+         'reliability': (calibration.reliability(probs[y >= 0], y[y >= 0])
+                         if (y >= 0).any() else None),
          'per_make': {m: {'top1_accuracy': c / n, 'examples': n}
                       for m, (c, n) in sorted(per_make.items())},
          'confused_pairs': [{'true': t, 'predicted': p, 'count': n}
@@ -176,7 +179,7 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
     if gate in checks:
       ax.axvline(checks[gate]['threshold'], color='#c44e52', linestyle='--', label='top-1 gate')
   ax.set_xlim(0, 1)
-  ax.set_xlabel('top-1 accuracy (eval photos of the make)')
+  ax.set_xlabel('top-1 accuracy (photos of the make)')
   ax.set_title(title)
   ax.tick_params(axis='y', labelsize=7)
   fig.tight_layout()
@@ -191,6 +194,11 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
       f"</td><td>{html.escape(c.get('detail', ''))}</td></tr>" for k, c in checks.items())
   conf = ''.join(f"<tr><td>{html.escape(p['true'])}</td><td>{html.escape(p['predicted'])}</td>"
                  f"<td>{p['count']}</td></tr>" for p in metrics.get('confused_pairs', []))
+  rel = metrics.get('reliability') or {}
+  bins = ''.join(f"<tr><td>{lo:.2f}</td><td>{n}</td><td>{'' if c is None else c}</td>"
+                 f"<td>{'' if a is None else a}</td></tr>"
+                 for lo, n, c, a in zip(rel.get('lower', []), rel.get('photos', []),
+                                        rel.get('confidence', []), rel.get('accuracy', [])) if n)
   verdict = all(c['pass'] for c in checks.values())
   doc = (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
          f"<h1>{html.escape(title)}</h1><h2>Verdict: {'BLESSED' if verdict else 'NOT BLESSED'}</h2>"
@@ -198,6 +206,9 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
          f"<th>result</th><th>detail</th></tr>{rows}</table>"
          f"<h2>Most confused class pairs</h2><table border=1 cellpadding=4><tr><th>true</th>"
          f"<th>predicted</th><th>photos</th></tr>{conf}</table>"
+         f"<h2>Calibration: top-1 confidence vs accuracy (ECE {metrics.get('ece')})</h2>"
+         f"<table border=1 cellpadding=4><tr><th>confidence from</th><th>photos</th>"
+         f"<th>mean confidence</th><th>accuracy</th></tr>{bins}</table>"
          f"<h2>Per-make accuracy</h2><img src='report.png'>"
          f"<h2>All figures</h2><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>"
          f"</body></html>")
