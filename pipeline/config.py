@@ -47,6 +47,7 @@ NonNegative = Annotated[int, pydantic.Field(ge=0)]
 Seconds = Annotated[float, pydantic.Field(gt=0.0)]
 BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
 TRAINABLE = ('none', 'top_blocks', 'all')
+AUGMENT = ('standard', 'light')
 WARM_STARTS = ('none', 'latest_blessed')
 
 
@@ -118,6 +119,14 @@ class StageConfig:
   # (with the frozen stage's views) instead of running the whole network every step.
   cached: bool = False
   patience: Optional[NonNegative] = None  # early stopping for this stage; default model.early_stopping_patience
+  # End-to-end stages only: train at this size (default model.image_size, the serving size).
+  # Lower than the serving size = FixRes: cheaper steps, and random crops at train size see
+  # cars about as large as whole photos at the (higher) test size. Validation is always at
+  # model.image_size, the size that ships.
+  image_size: Optional[Annotated[int, pydantic.Field(ge=32, le=1024)]] = None
+  # standard: random resized crop (50-100 % area), flip, colour; light: the whole photo and
+  # a flip, as served (a short last stage at the serving size: FixRes' fine-tune).
+  augment: Annotated[str, _one_of(AUGMENT)] = 'standard'
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
@@ -132,6 +141,10 @@ class ModelConfig:
   early_stopping_patience: NonNegative = 3
   bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
   feature_views: Positive = 2
+  # End-to-end stages decode each training photo once (at model.image_size, uint8) and keep
+  # it in memory while the set fits this budget; a bigger set is decoded again every epoch
+  # (streamed from the TFRecords), so memory stays bounded at any data set size.
+  photo_cache_mb: NonNegative = 3072
   tflite_representative_samples: Positive = 200
   # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
   # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.

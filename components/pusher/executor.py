@@ -135,7 +135,10 @@ class Executor(base_executor.BaseExecutor):
                  **extras.get('data', {})},
         'training': {'seconds': training['history'].get('train_seconds'),
                      'warm_start': training['history'].get('warm_start'),
-                     'stages': {k: ({m: v for m, v in s.items() if m in ('seconds', 'rolled_back')}
+                     # per stage: seconds, train size, roll-back, validation top-1 by epoch
+                     'stages': {k: ({m: v for m, v in s.items()
+                                     if m in ('seconds', 'rolled_back', 'image_size',
+                                              'val_class_top1')}
                                     if isinstance(s, dict) else s)
                                 for k, s in training['history'].get('stages', {}).items()}},
         'config': extras.get('config', training.get('config')),

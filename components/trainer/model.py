@@ -29,10 +29,12 @@ def backbone(cfg_model) -> keras.Model:
       raise ValueError(f"{cfg_model['backbone']}: set model.weights to an official TF EfficientNet "
                        'checkpoint path (e.g. noisy-student .../model.ckpt); nothing is downloaded')
     return tf_checkpoint.pretrained(cfg_model['backbone'], cfg_model['weights'], (size, size, 3))
+  # Any input size (fully convolutional): stages may train at a lower size than the one
+  # served (FixRes); exported files fix the serving size in their signatures.
   if cfg_model['weights'] == 'imagenet':
-    return el.pretrained(cfg_model['backbone'], (size, size, 3))
+    return el.pretrained(cfg_model['backbone'], (None, None, 3))
   if cfg_model['weights'] in (None, 'none'):
-    return el.build(cfg_model['backbone'], (size, size, 3))
+    return el.build(cfg_model['backbone'], (None, None, 3))
   raise ValueError(f"model.weights must be 'imagenet' or 'none', got {cfg_model['weights']!r}")
 
 
@@ -52,8 +54,13 @@ def normalise(base_name: str, x):
 
 
 def classifier(base: keras.Model, head: keras.Model, size: int) -> keras.Model:
-  """uint8 [N, size, size, 3] (any value range 0..255) -> {class, make} probabilities."""
-  pixels = keras.Input((size, size, 3), name='pixels')
+  """uint8 [N, size, size, 3] (any value range 0..255) -> {class, make} probabilities.
+
+  A backbone of any input size gives a classifier of any input size (trained at one size,
+  served at another); `size` is the one it is served at.
+  """
+  dynamic = base.input_shape[1] is None
+  pixels = keras.Input((None, None, 3) if dynamic else (size, size, 3), name='pixels')
   # Built-in layer (not a Lambda), so the saved model reloads anywhere: (x - MEAN) / STD.
   if raw_pixel_input(base.name):
     x = keras.layers.Rescaling(1.0, name='normalise')(pixels)  # the B backbone normalises itself

@@ -69,13 +69,23 @@ def crop_to_box(img: tf.Tensor, box: tf.Tensor, margin: float = 0.05) -> tf.Tens
 
 
 def augment(jpeg: tf.Tensor, size: int, seed=None, box=None, crop_prob: float = 0.0) -> tf.Tensor:
+  """Decodes a JPEG and augments it (`augment_pixels`)."""
+  return augment_pixels(tf.io.decode_jpeg(jpeg, channels=3), size, box=box, crop_prob=crop_prob)
+
+
+def augment_pixels(img: tf.Tensor, size: int, box=None, crop_prob: float = 0.0,
+                   light: bool = False) -> tf.Tensor:
   """Random resized crop (area 50-100 %), horizontal flip, brightness/contrast/saturation.
 
   With `box` (the largest car detection, when known) and `crop_prob` > 0, that share
   of training views is first cropped to the car: the model sees tightly framed cars as
   phone users take them, while eval and serving keep the whole photo (the contract).
+  `light`: the whole photo and a random flip only, as the model is served.
   """
-  img = tf.io.decode_jpeg(jpeg, channels=3)
+  if light:
+    img = tf.image.resize(img, (size, size), method='bilinear')
+    img = tf.image.random_flip_left_right(img)
+    return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
   if box is not None:
     img = tf.cond(tf.random.uniform([]) < crop_prob, lambda: crop_to_box(img, box), lambda: img)
   begin, crop, _ = tf.image.sample_distorted_bounding_box(
@@ -92,26 +102,51 @@ def augment(jpeg: tf.Tensor, size: int, seed=None, box=None, crop_prob: float = 
 
 
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
-            training: bool, repeat: bool = False, crop_prob: float = 0.0) -> tf.data.Dataset:
+            training: bool, repeat: bool = False, crop_prob: float = 0.0,
+            decoded_size: Optional[int] = None, light: bool = False) -> tf.data.Dataset:
+  """(uint8 photos, one-hot labels) batches of `files`.
+
+  `decoded_size`: each photo is decoded once, bilinear-resized to that square (the model
+  contract's squash, at the serving size) and kept in memory (`tf.data` cache); training
+  views are then cropped and augmented from the cached pixels every epoch, so JPEG
+  decoding stops competing with training. None: decoded from the JPEG every time
+  (streamed; bounded memory at any size). Validation is cached the same way.
+  """
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
-  if training:
+  if training and not decoded_size:
     ds = ds.shuffle(2048, seed=7, reshuffle_each_iteration=True)
   ds = ds.map(lambda s: tf.io.parse_single_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
   cls_key, make_key = F.label_id('class'), F.label_id('make')
   ds = ds.filter(lambda f: tf.reshape(f[cls_key], [-1])[0] >= 0)
+  boxed = training and crop_prob > 0
 
-  def to_xy(f):
+  def fields(f):
     jpeg = tf.reshape(f[F.IMAGE], [-1])[0]
-    if training and crop_prob > 0:
-      box = tf.stack([tf.reshape(f[k], [-1])[0] for k in F.BBOX])
-      known = tf.reshape(f[F.BBOX_KNOWN], [-1])[0] > 0
-      img = augment(jpeg, size, box=box, crop_prob=tf.where(known, crop_prob, 0.0))
-    elif training:
-      img = augment(jpeg, size)
+    pixels = decode(jpeg, decoded_size) if decoded_size else jpeg
+    box = tf.stack([tf.reshape(f[k], [-1])[0] for k in F.BBOX]) if boxed else tf.zeros([4])
+    known = tf.reshape(f[F.BBOX_KNOWN], [-1])[0] > 0 if boxed else tf.constant(False)
+    return (pixels, box, known, tf.reshape(f[cls_key], [-1])[0],
+            tf.reshape(f[make_key], [-1])[0])
+
+  ds = ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE)
+  if decoded_size:
+    ds = ds.cache()
+    if training:
+      ds = ds.shuffle(1024, seed=7, reshuffle_each_iteration=True)
+
+  def to_xy(pixels, box, known, cls, make):
+    if training:
+      img = pixels if decoded_size else tf.io.decode_jpeg(pixels, channels=3)
+      img = augment_pixels(img, size, box=box if boxed else None,
+                           crop_prob=tf.where(known, crop_prob, 0.0) if boxed else 0.0,
+                           light=light)
+    elif not decoded_size:
+      img = decode(pixels, size)
+    elif decoded_size != size:
+      img = tf.image.resize(pixels, (size, size), method='bilinear')
+      img = tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
     else:
-      img = decode(jpeg, size)
-    cls = tf.reshape(f[cls_key], [-1])[0]
-    make = tf.reshape(f[make_key], [-1])[0]
+      img = pixels
     return img, {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
 
   ds = ds.map(to_xy, num_parallel_calls=tf.data.AUTOTUNE)
@@ -308,11 +343,19 @@ def run_fn(fn_args):
                                          patience=patience if p is None else int(p),
                                          restore_best_weights=True)
 
-  def data(files, training, repeat=False):
-    return dataset(files, spec, size, batch, n_classes, n_makes, training=training, repeat=repeat,
-                   crop_prob=float(mc.get('bbox_crop_prob') or 0.0))
+  def data(files, training, repeat=False, at=size, light=False, cached=False):
+    return dataset(files, spec, at, batch, n_classes, n_makes, training=training, repeat=repeat,
+                   crop_prob=float(mc.get('bbox_crop_prob') or 0.0),
+                   decoded_size=size if cached else None, light=light)
 
   n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
+  n_val = sum(1 for _ in tf.data.TFRecordDataset(eval_files, compression_type='GZIP'))
+  # Decoded photos (uint8, serving size) kept in memory only while they fit the budget.
+  photo_mb = (n_train + n_val) * size * size * 3 / 2**20
+  keep_photos = photo_mb <= float(mc.get('photo_cache_mb', 0) or 0)
+  logging.info('decoded photos %.0f MB: %s', photo_mb, 'kept in memory' if keep_photos else
+               'over model.photo_cache_mb: decoded every epoch')
+  validation = data(eval_files, False, cached=keep_photos)  # one dataset: its cache is reused
   # A warm start continues a trained model: the short schedule when one is configured.
   stages = mc['warm_start_stages'] if source and mc.get('warm_start_stages') else mc['stages']
   # Cached stages (frozen, or top blocks with `cached: true`) share one pass of the
@@ -361,7 +404,7 @@ def run_fn(fn_args):
   best = -1.0  # best validation top-1 so far; a stage that does not beat it is rolled back
   if started_from:
     _compile(full, 1e-4, smoothing)
-    best = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)['class_top1']
+    best = full.evaluate(validation, return_dict=True, verbose=0)['class_top1']
     started_from['validation_top1'] = float(best)
   for stage in stages:
     name, epochs = stage['name'], int(stage['epochs'])
@@ -394,13 +437,20 @@ def run_fn(fn_args):
       M.el.copy_weights(upper, base)
     else:
       M.set_trainable(base, stage['trainable'], int(stage.get('top_blocks', 2)))
+      at = int(stage.get('image_size') or size)
+      if at != size and full.input_shape[1] is not None:
+        raise ValueError(f'stage {name}: image_size {at} needs a backbone of any input size '
+                         f"(EfficientNet-Lite); {mc['backbone']} is built at {size}")
       per_epoch = max(1, n_train // batch)
       _compile(full, M.WarmupCosine(stage['learning_rate'], per_epoch * epochs, per_epoch // 2),
                smoothing)
-      h = full.fit(data(train_files, True, repeat=True), steps_per_epoch=per_epoch,
-                   epochs=epochs, validation_data=data(eval_files, False),
+      train = data(train_files, True, repeat=True, at=at, cached=keep_photos,
+                   light=stage.get('augment') == 'light')
+      h = full.fit(train, steps_per_epoch=per_epoch, epochs=epochs, validation_data=validation,
                    callbacks=[stop(stage), tb], verbose=2)
-    history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+      history[name] = {'image_size': at}
+    history[name] = {**history.get(name, {}),
+                     **{k: [float(v) for v in vals] for k, vals in h.history.items()}}
     history[name]['seconds'] = time.time() - ts
     stage_best = max(h.history.get('val_class_top1', [0.0]))
     if stage_best < best:
@@ -417,11 +467,11 @@ def run_fn(fn_args):
 
   # Final figures of the restored model on the validation split (Keras, float).
   _compile(full, 1e-4, smoothing)
-  final = full.evaluate(data(eval_files, False), return_dict=True, verbose=0)
+  final = full.evaluate(validation, return_dict=True, verbose=0)
   logging.info('float model on the validation split: %s', final)
   calibrated = None
   if mc.get('calibrate', True):
-    calibrated = calibrate(full, data(eval_files, False), M.parse_views(mc.get('serving_views') or ['full']))
+    calibrated = calibrate(full, validation, M.parse_views(mc.get('serving_views') or ['full']))
     logging.info('calibration: %s', calibrated)
   export.export_all(full, tft_out, fn_args, cfg, history={
       'stages': history, 'validation': final, 'warm_start': started_from, 'inputs': opened,

@@ -1,0 +1,91 @@
+"""The Trainer's tf.data input: photos decoded once and kept (bounded by a budget) or streamed."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components import features as F
+from components.trainer import model as M
+from components.trainer import task
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'data', 'car_ads_tiny', 'images')
+SIZE = 96
+
+
+def _spec():
+  spec = {F.IMAGE: tf.io.FixedLenFeature([], tf.string),
+          F.BBOX_KNOWN: tf.io.FixedLenFeature([], tf.int64)}
+  spec.update({k: tf.io.FixedLenFeature([], tf.float32) for k in F.BBOX})
+  spec.update({F.label_id(n): tf.io.FixedLenFeature([], tf.int64) for n in ('class', 'make')})
+  return spec
+
+
+@pytest.fixture(scope='module')
+def records(tmp_path_factory):
+  """A GZIP TFRecord of transformed examples: 12 real photos, labels 0..2, one unknown (-1)."""
+  photos = sorted(glob.glob(os.path.join(FIXTURE, '*.jpg')))[:12]
+  path = str(tmp_path_factory.mktemp('tfr') / 'train.gz')
+  with tf.io.TFRecordWriter(path, options='GZIP') as w:
+    for i, p in enumerate(photos):
+      feat = {F.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[open(p, 'rb').read()])),
+              F.BBOX_KNOWN: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+              F.label_id('class'): tf.train.Feature(int64_list=tf.train.Int64List(
+                  value=[-1 if i == 11 else i % 3])),
+              F.label_id('make'): tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
+      for k, v in zip(F.BBOX, (0.1, 0.1, 0.9, 0.9)):
+        feat[k] = tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+      w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
+  return [path], photos
+
+
+def _all(ds):
+  xs, ys = [], []
+  for x, y in ds:
+    xs.append(x.numpy())
+    ys.append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_kept_photos_equal_streamed_ones_at_the_serving_size(records):
+  files, photos = records
+  args = dict(spec=_spec(), size=SIZE, batch=5, n_classes=3, n_makes=2, training=False)
+  streamed_x, streamed_y = _all(task.dataset(files, **args))
+  kept = task.dataset(files, **args, decoded_size=SIZE)
+  kept_x, kept_y = _all(kept)
+  again_x, _ = _all(kept)  # second epoch: from the cache
+  assert streamed_x.shape == (11, SIZE, SIZE, 3)  # the unknown label is not trained on
+  assert streamed_x.dtype == np.uint8
+  np.testing.assert_array_equal(kept_x, streamed_x)
+  np.testing.assert_array_equal(again_x, streamed_x)
+  np.testing.assert_array_equal(kept_y, streamed_y)
+  # the model contract: the whole photo squashed to SIZE x SIZE
+  np.testing.assert_array_equal(
+      streamed_x[0], task.decode(tf.constant(open(photos[0], 'rb').read()), SIZE).numpy())
+
+
+def test_training_views_at_a_lower_size_from_kept_photos(records):
+  files, _ = records
+  for light in (False, True):
+    ds = task.dataset(files, _spec(), 64, 4, 3, 2, training=True, repeat=True,
+                      crop_prob=0.5, decoded_size=SIZE, light=light)
+    x1, _ = next(iter(ds))
+    assert x1.shape == (4, 64, 64, 3) and x1.dtype == tf.uint8
+  # light = the whole photo as served (or its mirror image): no crop, no colour change
+  light = task.dataset(files, _spec(), SIZE, 11, 3, 2, training=True, decoded_size=SIZE,
+                       light=True)
+  served, _ = _all(task.dataset(files, _spec(), SIZE, 11, 3, 2, training=False))
+  x, y = next(iter(light))
+  for img in x.numpy():
+    assert any(np.array_equal(img, s) or np.array_equal(img[:, ::-1], s) for s in served)
+
+
+def test_a_classifier_trained_at_one_size_serves_at_another():
+  """FixRes: a Lite backbone of any input size; the exported size is the served one."""
+  base = M.el.build('efficientnet_lite0', (None, None, 3))
+  full = M.classifier(base, M.heads(int(base.output.shape[-1]), 3, 2, 0.0), SIZE)
+  assert full.input_shape == (None, None, None, 3)
+  for at in (64, SIZE):
+    out = full(np.zeros((2, at, at, 3), np.uint8))
+    assert out[M.CLASS_OUT].shape == (2, 3)
