@@ -4,10 +4,15 @@ SERVING_DIR = 'Format-Serving'   # the serving model inside a TFX Trainer's Mode
 TFLITE_DIR = 'tflite'            # beside the SavedModel in a serving model directory
 INT8 = 'model.tflite'            # the file that ships
 FP16 = 'model_fp16.tflite'
+FAST = 'model_fast.tflite'       # int8, one view (the full photo): the fast choice
 LABELS = 'labels.txt'            # one make|model|submodel per output index
 MAKE_LABELS = 'make_labels.txt'  # one make per index of the make head
+SERVE = 'serve.json'             # thresholds of the class / make / not-sure decision
 TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
 MODEL_CARD = 'model_card.json'
+REPORT_HTML = 'report.html'      # the gate's report (and its figures below)
+REPORT_PNG = 'report.png'        # per-make accuracy
+RISK_COVERAGE_PNG = 'risk_coverage.png'
 PUSHED_SAVED_MODEL = 'saved_model'
 CLASS_SEP = '|'                  # make|model|submodel
 

@@ -182,10 +182,22 @@ def cmd_predict(args) -> int:
   A photo that cannot be read is an error line of its own (stderr, and in --json); the
   others are still answered; the exit code is then EXIT_SOME_INPUTS.
   """
-  from components import names, serving  # pylint: disable=g-import-not-at-top
+  from components import decision, names, serving  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  max_pixels = config_lib.IngestConfig.max_pixels
+  cfg = _config(args)
+  max_pixels = cfg.ingest.max_pixels
   model = serving.load(args.model, args.kind)
+  # class / make / not sure: --flags, else numbers in serve.*, else the model's serve.json
+  where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
+  saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
+  limits = serving.thresholds(cfg.serve, saved)
+  for key in ('class_min_confidence', 'make_min_confidence'):
+    if getattr(args, key) is not None:
+      limits[key] = getattr(args, key)
+  decides = limits['class_min_confidence'] is not None and limits['make_min_confidence'] is not None
+  if not decides:
+    print('note: no decision thresholds (serve.class_min_confidence / make_min_confidence, or '
+          'the model\'s serve.json): top-k only', file=sys.stderr)
   good, errors = [], []
   for path in args.images:
     data, error = read_photo(path, max_pixels)
@@ -207,7 +219,13 @@ def cmd_predict(args) -> int:
       make, mdl, sub = names.split_label(model.labels[i])
       preds.append({'label': model.labels[i], 'make': make, 'model': mdl, 'submodel': sub,
                     'probability': round(float(p[i]), 6)})
-    out.append({'input': name if not args.ad else [p for p, _ in good], 'top_k': preds})
+    item = {'input': name if not args.ad else [p for p, _ in good], 'top_k': preds}
+    if decides:
+      item['decision'] = {**decision.decide(p[None], model.labels, limits['class_min_confidence'],
+                                            limits['make_min_confidence'])[0],
+                          'class_min_confidence': limits['class_min_confidence'],
+                          'make_min_confidence': limits['make_min_confidence']}
+    out.append(item)
   if args.json:
     if args.ad:
       print(json.dumps({**(out[0] if out else {'input': [], 'top_k': []}), 'errors': errors}))
@@ -215,7 +233,15 @@ def cmd_predict(args) -> int:
       print(json.dumps(out + errors))
   else:
     for item in out:
-      print(item['input'] if not args.ad else f'ad ({len(good)} photos)')
+      head = item['input'] if not args.ad else f'ad ({len(good)} photos)'
+      d = item.get('decision')
+      if d and d['decision'] == decision.CLASS:
+        head += f": {d['answer'].replace(names.CLASS_SEP, ' | ')} ({d['confidence']:.2f})"
+      elif d and d['decision'] == decision.MAKE:
+        head += f": make {d['answer']} ({d['confidence']:.2f}; model not sure)"
+      elif d:
+        head += f": not sure (best make {d['make']} {d['make_confidence']:.2f})"
+      print(head)
       for r, pr in enumerate(item['top_k'], 1):
         print(f"  {r}. {pr['probability']:.4f}  {pr['make']} | {pr['model']} | {pr['submodel']}")
   return EXIT_SOME_INPUTS if errors else EXIT_OK
@@ -292,7 +318,10 @@ def cmd_evaluate(args) -> int:
   probs = np.concatenate(probs) if probs else np.zeros((0, len(model.labels)))
   truth = [r['class'] if 'class' in r else records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
            for r, _ in usable]
-  metrics = serving.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable])
+  where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
+  saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
+  metrics = serving.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable],
+                          answers=serving.thresholds(cfg.serve, saved))
   metrics['skipped'] = skipped
   known = set(model.labels)
   unknown = sorted({t for t in truth if t not in known})
@@ -301,6 +330,9 @@ def cmd_evaluate(args) -> int:
   top1_min = ev.top1_min if args.top1_min is None else args.top1_min
   top5_min = ev.top5_min if args.top5_min is None else args.top5_min
   checks = serving.verdicts(metrics, {'top1_accuracy': top1_min, 'top5_accuracy': top5_min})
+  per_make = serving.make_check(metrics, ev.min_make_top1, ev.min_make_photos)
+  if per_make is not None:
+    checks['min_make_top1'] = per_make
   if args.report:
     serving.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
                          metrics, checks)
@@ -313,17 +345,31 @@ def cmd_evaluate(args) -> int:
     if unknown:
       print(f"note: {metrics['unknown_classes']} photos are of {len(unknown)} classes the model "
             f"does not know (counted wrong): {', '.join(unknown[:10])}")
+    ans = metrics.get('answers') or {}
+    for level in ('class', 'make'):
+      at = (ans.get(level) or {}).get('at_target_precision') or {}
+      if at.get('answered'):
+        print(f"{level} answers at precision >= {ans['target_precision']}: {at['coverage']:.3f} "
+              f"of photos (threshold {at['threshold']:.3f}, accuracy {at['accuracy']:.4f})")
+    dec = ans.get('decision')
+    if dec:
+      print(f"decision (class >= {dec['class_min_confidence']:.3f}, make >= "
+            f"{dec['make_min_confidence']:.3f}): class {dec['class']['share']:.3f} "
+            f"(accuracy {dec['class']['accuracy']}), make {dec['make']['share']:.3f} "
+            f"(accuracy {dec['make']['accuracy']}), not sure {dec['not_sure']['share']:.3f}")
   passed = all(c['pass'] for c in checks.values())
   if not args.json:
     for name, c in checks.items():
-      print(f"  {name:<16} {c['value']:.4f}  threshold >= {c['threshold']:.2f}  "
-            f"{'PASS' if c['pass'] else 'FAIL'}")
+      value = 'n/a' if c['value'] is None else f"{c['value']:.4f}"
+      print(f"  {name:<16} {value}  threshold >= {c['threshold']:.2f}  "
+            f"{'PASS' if c['pass'] else 'FAIL'}" + (f"  ({c['detail']})" if c.get('detail') else ''))
     print('verdict: ' + ('PASS' if passed else 'FAIL'))
   if not args.json:
     return EXIT_OK if passed else EXIT_NOT_BLESSED
   print(json.dumps({**{k: metrics[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
                                                'make_accuracy', 'per_ad', 'skipped',
-                                               'unknown_classes')},
+                                               'unknown_classes', 'ece', 'answers',
+                                               'worst_makes')},
                     'unknown_class_names': unknown[:50],
                     'checks': checks, 'passed': passed}))
   return EXIT_OK if passed else EXIT_NOT_BLESSED
@@ -426,7 +472,14 @@ def main(argv=None) -> int:
                  help='one row per photo with its largest vehicle detection (bbox, confidence)')
   p.set_defaults(fn=cmd_export)
 
-  p = sub.add_parser('predict', help='top-k make/model/submodel for photos')
+  p = sub.add_parser('predict', help='make/model/submodel (or the make, or "not sure") and '
+                     'the top-k for photos')
+  common(p)
+  p.add_argument('--class-min-confidence', type=_fraction,
+                 help='answer the class from this confidence (default: serve.* of --config, '
+                      "else the model's serve.json)")
+  p.add_argument('--make-min-confidence', type=_fraction,
+                 help='else answer the make from this confidence; else "not sure"')
   p.add_argument('--model', default=SHIPPED_MODEL,
                  help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])

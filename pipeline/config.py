@@ -149,6 +149,9 @@ class ModelConfig:
   # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
   # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
   tflite_float_layers: NonNegative = 0
+  # Also ship model_fast.tflite: int8, the full photo only (one backbone pass), gated on the
+  # same floors and pushed only when it passes them. Off when serving_views is just `full`.
+  fast_file: bool = True
   # Temperature scaling of both heads fitted on the validation split and baked into the
   # weights: every exported file returns calibrated probabilities (model card: T, ECE).
   calibrate: bool = True
@@ -173,6 +176,23 @@ class EvaluateConfig:
   max_int8_drop: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.01
   slice_by: List[str] = dataclasses.field(default_factory=list)
   tfma: bool = True             # also gate the float SavedModel with TFMA's Evaluator
+  # Optional per-make gate (off: null): every make with at least `min_make_photos` test
+  # photos must reach this top-1; the report lists the worst makes either way.
+  min_make_top1: Optional[Fraction] = None
+  min_make_photos: Positive = 20
+
+
+@pydantic.dataclasses.dataclass(config=_STRICT)
+class ServeConfig:
+  """When `predict` answers the class, falls back to the make, or says "not sure".
+
+  null: chosen by the Trainer on the validation split as the lowest threshold whose
+  answers are right `target_precision` of the time (written beside the model, serve.json).
+  A number fixes it.
+  """
+  class_min_confidence: Optional[Fraction] = None
+  make_min_confidence: Optional[Fraction] = None
+  target_precision: Fraction = 0.95
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
@@ -215,6 +235,7 @@ class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
   push: PushConfig = dataclasses.field(default_factory=PushConfig)
+  serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
   cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
   source_file: str = ''
 

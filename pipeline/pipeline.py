@@ -98,6 +98,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
       eval_args=tfx.proto.EvalArgs(splits=['validation']),  # everything the Trainer chooses
       # Only the model section: a gate or push change must not invalidate a cached Trainer.
       custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
+                                           'serve': dataclasses.asdict(cfg.serve),
                                            'license': cfg.push.license}, sort_keys=True)})
 
   ev = cfg.evaluate
@@ -107,7 +108,9 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
       baseline_model=model_resolver.outputs['model'], split='test',
       gate_config=json.dumps({'top1_min': ev.top1_min, 'top5_min': ev.top5_min,
                               'max_regression': ev.max_regression,
-                              'max_int8_drop': ev.max_int8_drop}, sort_keys=True))
+                              'max_int8_drop': ev.max_int8_drop,
+                              'min_make_top1': ev.min_make_top1,
+                              'min_make_photos': ev.min_make_photos}, sort_keys=True))
 
   evaluator = None
   if ev.tfma:

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from components import names
 from pipeline.config import Config
 
 
@@ -112,7 +113,7 @@ def summarize(cfg: Config) -> Dict[str, Any]:
       'int8_gate': judged.get('checks', {}),
       'int8_metrics': {k: m.get(k) for k in ('examples', 'top1_accuracy', 'top5_accuracy',
                                             'make_accuracy', 'per_ad', 'float', 'ece')},
-      'report': os.path.join(lite_eval.uri, 'report.html') if judged else None,
+      'report': os.path.join(lite_eval.uri, names.REPORT_HTML) if judged else None,
       # TFMA's verdict on the float SavedModel (pass/fail as TFMA decided it).
       'metrics': {k: {'value': metrics.get(k), 'threshold': v,
                       'pass': metrics.get(k) is not None and k not in failed,

@@ -59,6 +59,6 @@ def test_scores_and_report_carry_the_reliability_diagram(tmp_path):
   assert m['unknown_classes'] == 1 and sum(m['reliability']['photos']) == 3
   assert abs(m['ece'] - calibration.ece(probs[:3], np.array([0, 1, 1]))) < 1e-12
   checks = serving.verdicts(m, {'top1_accuracy': 0.5})
-  page, _ = serving.write_report(str(tmp_path), 'probe', m, checks)
+  page = serving.write_report(str(tmp_path), 'probe', m, checks)[0]
   assert 'Calibration: top-1 confidence vs accuracy' in open(page).read()
   assert serving.score(probs[:0], labels, [])['reliability'] is None

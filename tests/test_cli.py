@@ -201,3 +201,22 @@ def test_evaluate_checks_labels_csv_first_and_names_unknown_classes(tmp_path):
   (data / 'labels.csv').write_text('ad_id,p_hash,make,model,submodel\n')
   _one_line_error(_cli('evaluate', '--data', str(data)), 2, 'labels.csv: no rows')
   _one_line_error(_cli('evaluate', '--data', str(tmp_path / 'nowhere')), 2, 'no such directory')
+
+
+def test_predict_answers_class_else_make_else_not_sure_from_configured_thresholds():
+  photo = os.path.join(TINY, 'images', sorted(os.listdir(os.path.join(TINY, 'images')))[0])
+  decisions = {}
+  for flags in (('--class-min-confidence', '0', '--make-min-confidence', '0'),
+                ('--set', 'serve.class_min_confidence=1.0', '--make-min-confidence', '0'),
+                ('--class-min-confidence', '1', '--make-min-confidence', '1')):
+    res = _cli('predict', '--json', photo, *flags)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(res.stdout)[0]['decision']
+    decisions[flags[1]] = d
+  assert decisions['0']['decision'] == 'class' and decisions['0']['class_min_confidence'] == 0
+  assert decisions['serve.class_min_confidence=1.0']['decision'] == 'make'
+  assert decisions['1']['decision'] == 'not_sure' and decisions['1']['answer'] is None
+  # the hierarchy: the class answered is of the make a fallback would answer
+  assert decisions['0']['answer'].split('|')[0] == decisions['serve.class_min_confidence=1.0']['answer']
+  res = _cli('predict', photo, '--class-min-confidence', '0', '--make-min-confidence', '0')
+  assert res.returncode == 0 and '(' in res.stdout.splitlines()[0]

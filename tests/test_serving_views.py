@@ -67,6 +67,13 @@ def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
     got = results[kind] = np.stack(got)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
     assert np.abs(got - want).mean() < 0.05
+    # the second output: the make head, same views
+    make_out = it.get_output_details()[1]
+    assert list(make_out['shape']) == [1, 3] and make_out['dtype'] == np.float32
+    it.set_tensor(inp['index'], x[:1])
+    it.invoke()
+    np.testing.assert_allclose(it.get_tensor(make_out['index'])[0], M.predict_views(
+        full, x[:1], ['full', 'flip'])[M.MAKE_OUT].numpy()[0], atol=0.05)
   # int8 backbone, float head: the probabilities are not multiples of 1/256 (no ties)
   ops = {o['op_name'] for o in Interpreter(model_content=int8)._get_ops_details()}  # pylint: disable=protected-access
   assert {'CONV_2D', 'FULLY_CONNECTED', 'SOFTMAX'} <= ops

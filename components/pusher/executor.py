@@ -85,13 +85,17 @@ class Executor(base_executor.BaseExecutor):
     partial = os.path.join(push_dir, f'.partial-{version}')
     tf.io.gfile.makedirs(partial)
     files = {}
-    for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS):
-      if name == names.MAKE_LABELS and not tf.io.gfile.exists(os.path.join(tdir, name)):
-        continue  # a model exported before make labels were written
+    fast = judged['metrics'].get('fast') or {}
+    for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS, names.SERVE, names.FAST):
+      if name in (names.MAKE_LABELS, names.SERVE) and not tf.io.gfile.exists(
+          os.path.join(tdir, name)):
+        continue  # a model exported before these were written
+      if name == names.FAST and not fast.get('passes_floors'):
+        continue  # the single-view file ships only when it passes the floors itself
       tf.io.gfile.copy(os.path.join(tdir, name), os.path.join(partial, name), overwrite=True)
       files[name] = {'bytes': tf.io.gfile.stat(os.path.join(tdir, name)).length,
                      'sha256': _sha256(os.path.join(tdir, name))}
-    for name in ('report.html', 'report.png'):
+    for name in (names.REPORT_HTML, names.REPORT_PNG, names.RISK_COVERAGE_PNG):
       if tf.io.gfile.exists(os.path.join(evaluation.uri, name)):
         tf.io.gfile.copy(os.path.join(evaluation.uri, name), os.path.join(partial, name), True)
     io_utils.copy_dir(src, os.path.join(partial, 'saved_model'))
@@ -114,7 +118,8 @@ class Executor(base_executor.BaseExecutor):
             'int8_tflite': {k: judged['metrics'][k] for k in
                             ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
                              'per_ad', 'unknown_classes', 'ece') if k in judged['metrics']},
-            'float_savedmodel': judged['metrics'].get('float')},
+            'float_savedmodel': judged['metrics'].get('float'),
+            'int8_tflite_fast': fast or None},
             'validation': {'float_keras': training['history'].get('validation')},
             'train': {'float_keras_last_epoch': {
                 k: v[-1] for stage in training['history'].get('stages', {}).values()
@@ -126,6 +131,8 @@ class Executor(base_executor.BaseExecutor):
                    'trainer_inputs': training['history'].get('inputs')},
         # temperature per head fitted on validation (baked into the weights); ECE on test above
         'calibration': training['history'].get('calibration'),
+        # the class / make / not-sure thresholds (serve.json) and where they were chosen
+        'decision': training['history'].get('serve'),
         'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
                          'always_float': inside.get('int8_float_ops')},
         'checks': judged['checks'],

@@ -9,7 +9,7 @@ photos. Writes metrics.json + report.html/png to the evaluation artifact.
 """
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -35,6 +35,8 @@ class _Predict(beam.DoFn):
   def setup(self):
     self.int8 = serving.TFLiteModel(os.path.join(self.candidate_dir, names.TFLITE_DIR, names.INT8))
     self.float = serving.SavedModel(self.candidate_dir)
+    fast = os.path.join(self.candidate_dir, names.TFLITE_DIR, names.FAST)
+    self.fast = serving.TFLiteModel(fast) if tf.io.gfile.exists(fast) else None
     self.base = None
     if self.baseline_dir:
       self.base = serving.TFLiteModel(
@@ -46,31 +48,50 @@ class _Predict(beam.DoFn):
     q = self.int8.predict_jpegs(jpegs)
     fl = self.float.predict_jpegs(jpegs)
     b = self.base.predict_jpegs(jpegs) if self.base else None
+    fast = self.fast.predict_jpegs(jpegs) if self.fast else None
     for i, f in enumerate(rows):
       rec = {'class': f['label/class'].bytes_list.value[0].decode(),
              'ad_id': int(f['ad_id'].int64_list.value[0]),
              'int8': np.round(q[i], 6).tolist(), 'float_top5': np.argsort(-fl[i])[:5].tolist()}
       if b is not None:
         rec['baseline_top1'] = self.base.labels[int(np.argmax(b[i]))]
+      if fast is not None:
+        rec['fast'] = np.round(fast[i], 6).tolist()
       yield rec
 
 
 def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
-          has_baseline: bool) -> Dict[str, Any]:
-  """Metrics of the int8 model, float parity, baseline comparison -> checks and verdict."""
+          has_baseline: bool, answers: Optional[Dict] = None) -> Dict[str, Any]:
+  """Metrics of the int8 model, float parity, baseline comparison, the optional per-make
+  floor -> checks and verdict. `answers`: the model's decision thresholds (serve.json)."""
   truth = [r['class'] for r in records]
   probs = np.array([r['int8'] for r in records], np.float32).reshape(len(records), len(labels))
-  m = serving.score(probs, labels, truth, groups=[r['ad_id'] for r in records])
+  m = serving.score(probs, labels, truth, groups=[r['ad_id'] for r in records], answers=answers)
   index = {l: i for i, l in enumerate(labels)}
   float_top1 = float(np.mean([r['float_top5'][0] == index.get(r['class'], -1) for r in records]))
   float_top5 = float(np.mean([index.get(r['class'], -1) in r['float_top5'] for r in records]))
   m['float'] = {'top1_accuracy': float_top1, 'top5_accuracy': float_top5}
+  if records and 'fast' in records[0]:
+    # The single-view file: its own figures on the same photos and the same floors; the
+    # Pusher ships it only when it passes them (it does not decide the main verdict).
+    fp = np.array([r['fast'] for r in records], np.float32).reshape(len(records), len(labels))
+    fm = serving.score(fp, labels, truth, groups=[r['ad_id'] for r in records])
+    fast_checks = serving.verdicts(fm, {'top1_accuracy': gate['top1_min'],
+                                        'top5_accuracy': gate['top5_min']})
+    m['fast'] = {**{k: fm[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
+                                       'make_accuracy', 'ece', 'per_ad')},
+                 'top1_vs_multi_view': fm['top1_accuracy'] - m['top1_accuracy'],
+                 'checks': fast_checks,
+                 'passes_floors': all(c['pass'] for c in fast_checks.values())}
   checks = serving.verdicts(m, {'top1_accuracy': gate['top1_min'],
                                 'top5_accuracy': gate['top5_min']})
   drop = float_top1 - m['top1_accuracy']
   checks['int8_vs_float_top1_drop'] = {
       'value': drop, 'threshold': gate['max_int8_drop'], 'pass': drop <= gate['max_int8_drop'] + 1e-9,
       'detail': f"float {float_top1:.4f} vs int8 {m['top1_accuracy']:.4f}"}
+  per_make = serving.make_check(m, gate.get('min_make_top1'), int(gate.get('min_make_photos') or 20))
+  if per_make is not None:
+    checks['min_make_top1'] = per_make
   if has_baseline:
     base_top1 = float(np.mean([r['baseline_top1'] == r['class'] for r in records]))
     change = m['top1_accuracy'] - base_top1
@@ -114,7 +135,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
       records = json.load(f)
     tf.io.gfile.remove(os.path.join(out_uri, '_records.json'))
     labels = serving.read_labels(os.path.join(candidate, names.TFLITE_DIR, names.LABELS))
-    result = judge(records, labels, gate, baseline is not None)
+    answers = serving.thresholds(None, serving.read_serve(os.path.join(candidate, names.TFLITE_DIR)))
+    result = judge(records, labels, gate, baseline is not None, answers)
     result.update(split=split, model=candidate, baseline=baseline, gate=gate)
     with tf.io.gfile.GFile(os.path.join(out_uri, METRICS_FILE), 'w') as f:
       json.dump(result, f, indent=1)

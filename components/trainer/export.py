@@ -82,33 +82,44 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
     f.write('\n'.join(class_labels) + '\n')
   with tf.io.gfile.GFile(os.path.join(tdir, names.MAKE_LABELS), 'w') as f:
     f.write('\n'.join(labels(tft_out, 'make')) + '\n')
+  if history.get('serve'):  # the decision's thresholds travel with the model
+    with tf.io.gfile.GFile(os.path.join(tdir, names.SERVE), 'w') as f:
+      json.dump(history['serve'], f, indent=1)
   spec = tft_out.transformed_feature_spec()
   # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
   # so it is ranked on validation photos (never on the test split that the gates judge).
   rep = representative_pixels(fn_args.train_files, spec, size,
                               int(cfg['model']['tflite_representative_samples']))
   debug = representative_pixels(fn_args.eval_files, spec, size, DEBUG_SAMPLES)
-  tflite_int8, tflite_fp16, kept_float = to_tflite(
-      full, size, rep, views, float_layers=int(cfg['model'].get('tflite_float_layers') or 0),
-      debug=debug)
+  float_layers = int(cfg['model'].get('tflite_float_layers') or 0)
+  tflite_int8, tflite_fp16, kept_float = to_tflite(full, size, rep, views,
+                                                   float_layers=float_layers, debug=debug)
+  blobs = {'int8': tflite_int8, 'fp16': tflite_fp16}
+  fast = cfg['model'].get('fast_file', True) and views != ['full']
+  if fast:  # one backbone pass instead of len(views): the app's fast choice
+    blobs['fast'], _, kept_fast = to_tflite(full, size, rep, ['full'], float_layers=float_layers,
+                                            debug=debug, fp16=False)
   # What the exported files do inside (the Pusher copies this onto the model card).
   history = dict(history, serving={'views': views, 'int8_float_ops': FLOAT_OPS,
-                                   'int8_float_layers': kept_float})
+                                   'int8_float_layers': kept_float,
+                                   'fast_file': {'views': ['full'],
+                                                 'int8_float_layers': kept_fast} if fast else None})
   from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   described = {}
-  for kind, blob in (('int8', tflite_int8), ('fp16', tflite_fp16)):
+  for kind, blob in blobs.items():
     described[kind] = tflite_metadata.embed(
-        blob, class_labels, name=f"carvision {cfg['model']['backbone']} ({kind})",
+        blob, class_labels, make_labels=labels(tft_out, 'make'),
+        name=f"carvision {cfg['model']['backbone']} ({kind})",
         description=('Car make|model|submodel from one photo. Input: the whole RGB photo '
-                     f'bilinear-resized to {size}x{size}, uint8 0-255. Output: probabilities '
-                     'in labels.txt order.'),
+                     f'bilinear-resized to {size}x{size}, uint8 0-255. Outputs: calibrated '
+                     'probabilities of the classes (labels.txt order) and of the makes '
+                     '(make_labels.txt order).'),
         version=version, license_text=cfg.get('license') or '')
-  tflite_int8, tflite_fp16 = described['int8'], described['fp16']
-  with tf.io.gfile.GFile(os.path.join(tdir, names.INT8), 'wb') as f:
-    f.write(tflite_int8)
-  with tf.io.gfile.GFile(os.path.join(tdir, names.FP16), 'wb') as f:
-    f.write(tflite_fp16)
+  for kind, name in (('int8', names.INT8), ('fp16', names.FP16), ('fast', names.FAST)):
+    if kind in described:
+      with tf.io.gfile.GFile(os.path.join(tdir, name), 'wb') as f:
+        f.write(described[kind])
   with tf.io.gfile.GFile(os.path.join(tdir, names.TRAINING_JSON), 'w') as f:
     json.dump({'config': cfg, 'history': history, 'labels': len(class_labels),
                'exported_at': version}, f, indent=1)
@@ -148,9 +159,10 @@ def quantisation_errors(debugger) -> List[Dict]:
 
 
 def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: int = 0,
-              debug: np.ndarray = None):
-  """(int8 bytes, fp16 bytes, the layers kept float); both take uint8 [1, size, size, 3]
-  and output float probabilities.
+              debug: np.ndarray = None, fp16: bool = True):
+  """(int8 bytes, fp16 bytes or None, the layers kept float); both take uint8 [1, size, size, 3]
+  and output float probabilities: output 0 the classes (labels.txt), output 1 the makes
+  (make_labels.txt).
 
   int8: selective quantisation with tf.lite.experimental.QuantizationDebugger. The head
   (FULLY_CONNECTED, SOFTMAX) stays float: an int8 softmax outputs multiples of 1/256, so
@@ -160,13 +172,17 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
   """
   from tensorflow.lite.python import util as tfl_util  # pylint: disable=g-import-not-at-top
 
+  def heads(pixels):  # two outputs, in this order: class probabilities, make probabilities
+    out = M.predict_views(full, pixels, views)
+    return out[M.CLASS_OUT], out[M.MAKE_OUT]
+
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='pixels')])
   def float_pixels(pixels):  # the int8 graph: the converter quantises this float input to uint8
-    return M.predict_views(full, pixels, views)[M.CLASS_OUT]
+    return heads(pixels)
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name='pixels')])
   def uint8_pixels(pixels):
-    return M.predict_views(full, pixels, views)[M.CLASS_OUT]
+    return heads(pixels)
 
   conv = tf.lite.TFLiteConverter.from_concrete_functions(
       [float_pixels.get_concrete_function()], full)
@@ -198,8 +214,14 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
                                        inference_input_type=tf.uint8,
                                        inference_output_type=tf.float32)
 
-  conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
-      [uint8_pixels.get_concrete_function()], full)
-  conv16.optimizations = [tf.lite.Optimize.DEFAULT]
-  conv16.target_spec.supported_types = [tf.float16]
-  return int8, conv16.convert(), kept
+  from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
+  heads_out = full.get_layer('heads').output
+  n_classes, n_makes = int(heads_out[M.CLASS_OUT].shape[-1]), int(heads_out[M.MAKE_OUT].shape[-1])
+  half = None
+  if fp16:
+    conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
+        [uint8_pixels.get_concrete_function()], full)
+    conv16.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv16.target_spec.supported_types = [tf.float16]
+    half = tflite_metadata.class_first(conv16.convert(), n_classes, n_makes)
+  return tflite_metadata.class_first(int8, n_classes, n_makes), half, kept

@@ -279,10 +279,9 @@ def bake_temperature(head: keras.Model, temperatures: Dict[str, float]) -> None:
     layer.set_weights([kernel / t, bias / t])
 
 
-def calibrate(full: keras.Model, ds: tf.data.Dataset, views) -> Dict:
-  """Fits a temperature per head on the validation split, as the exported model answers
-  (test-time views included), and bakes it in; returns T and the validation ECE before/after."""
-  from components import calibration  # pylint: disable=g-import-not-at-top
+def validation_probabilities(full: keras.Model, ds: tf.data.Dataset, views):
+  """({head: probabilities}, {head: true index}) of `full` on `ds`, as the exported model
+  answers (test-time views included)."""
   probs = {M.CLASS_OUT: [], M.MAKE_OUT: []}
   truth = {M.CLASS_OUT: [], M.MAKE_OUT: []}
   for x, y in ds:
@@ -290,10 +289,39 @@ def calibrate(full: keras.Model, ds: tf.data.Dataset, views) -> Dict:
     for k in probs:
       probs[k].append(out[k].numpy())
       truth[k].append(np.argmax(y[k].numpy(), -1))
-  record = {k: calibration.temperature_for(np.concatenate(probs[k]), np.concatenate(truth[k]))
-            for k in probs}
+  return ({k: np.concatenate(v) for k, v in probs.items()},
+          {k: np.concatenate(v) for k, v in truth.items()})
+
+
+def calibrate(full: keras.Model, probs: Dict, truth: Dict) -> Dict:
+  """Fits a temperature per head on the validation split's probabilities and bakes it in;
+  returns T, the validation ECE before/after, and the calibrated probabilities."""
+  from components import calibration  # pylint: disable=g-import-not-at-top
+  record = {k: calibration.temperature_for(probs[k], truth[k]) for k in probs}
   bake_temperature(full.get_layer('heads'), {k: r['temperature'] for k, r in record.items()})
-  return {'split': 'validation', **record}
+  # softmax(z / T) == normalise(p ** (1 / T)): the baked model's answers, without a second pass
+  calibrated = {}
+  for k, p in probs.items():
+    z = np.log(np.clip(p.astype(np.float64), 1e-12, 1.0)) / record[k]['temperature']
+    calibrated[k] = calibration.softmax(z)
+  return {'split': 'validation', **record}, calibrated
+
+
+def serve_thresholds(serve_cfg: Dict, probs: np.ndarray, truth: np.ndarray,
+                     labels: List[str]) -> Dict:
+  """The class / make thresholds of the decision: configured numbers, else chosen on the
+  validation split for `serve.target_precision` (components/decision)."""
+  from components import decision  # pylint: disable=g-import-not-at-top
+  target = float(serve_cfg.get('target_precision', 0.95))
+  chosen = decision.choose_thresholds(probs, labels, truth, target)
+  out = {'target_precision': target, 'validation_photos': chosen['photos'], 'chosen_on': {}}
+  for key in ('class_min_confidence', 'make_min_confidence'):
+    fixed = serve_cfg.get(key)
+    out[key] = float(fixed) if fixed is not None else chosen[key]
+    out['chosen_on'][key] = 'config' if fixed is not None else 'validation'
+  out['validation'] = decision.evaluate(probs, labels, truth, out['class_min_confidence'],
+                                        out['make_min_confidence'], target).get('decision')
+  return out
 
 
 def _compile(m: keras.Model, schedule, smoothing: float):
@@ -470,10 +498,15 @@ def run_fn(fn_args):
   final = full.evaluate(validation, return_dict=True, verbose=0)
   logging.info('float model on the validation split: %s', final)
   calibrated = None
+  probs, truth = validation_probabilities(full, validation,
+                                          M.parse_views(mc.get('serving_views') or ['full']))
   if mc.get('calibrate', True):
-    calibrated = calibrate(full, validation, M.parse_views(mc.get('serving_views') or ['full']))
+    calibrated, probs = calibrate(full, probs, truth)
     logging.info('calibration: %s', calibrated)
+  serve = serve_thresholds(cfg.get('serve') or {}, probs[M.CLASS_OUT], truth[M.CLASS_OUT],
+                           export.labels(tft_out, 'class'))
+  logging.info('decision thresholds: %s', serve)
   export.export_all(full, tft_out, fn_args, cfg, history={
       'stages': history, 'validation': final, 'warm_start': started_from, 'inputs': opened,
-      'calibration': calibrated,
+      'calibration': calibrated, 'serve': serve,
       'train_seconds': time.time() - t0})

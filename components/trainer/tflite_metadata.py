@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import flatbuffers
 
@@ -26,6 +26,7 @@ METADATA_IDENTIFIER = b'M001'
 # (image properties, normalisation, stats, an associated label file).
 MIN_PARSER_VERSION = '1.0.0'
 LABELS_FILE = names.LABELS
+MAKE_LABELS_FILE = names.MAKE_LABELS
 
 
 def _schema():
@@ -33,8 +34,26 @@ def _schema():
   return schema_py_generated
 
 
+def _probabilities(name: str, description: str, label_file: str, label_text: str):
+  out = meta_fb.TensorMetadataT()
+  out.name = name
+  out.description = description
+  out.content = meta_fb.ContentT()
+  out.content.contentPropertiesType = meta_fb.ContentProperties.FeatureProperties
+  out.content.contentProperties = meta_fb.FeaturePropertiesT()
+  out.stats = meta_fb.StatsT()
+  out.stats.max, out.stats.min = [1.0], [0.0]
+  labels = meta_fb.AssociatedFileT()
+  labels.name = label_file
+  labels.description = label_text
+  labels.type = meta_fb.AssociatedFileType.TENSOR_AXIS_LABELS
+  out.associatedFiles = [labels]
+  return out
+
+
 def _metadata_buffer(name: str, description: str, version: str, author: str,
-                     license_text: str, height: int, width: int, n_labels: int) -> bytes:
+                     license_text: str, height: int, width: int, n_labels: int,
+                     n_makes: int = 0) -> bytes:
   image = meta_fb.TensorMetadataT()
   image.name = 'image'
   image.description = (f'The whole RGB photo, bilinear-resized to {width}x{height}, '
@@ -52,23 +71,16 @@ def _metadata_buffer(name: str, description: str, version: str, author: str,
   image.stats = meta_fb.StatsT()
   image.stats.max, image.stats.min = [255.0], [0.0]
 
-  probs = meta_fb.TensorMetadataT()
-  probs.name = 'probability'
-  probs.description = f'Probabilities of the {n_labels} make|model|submodel classes.'
-  probs.content = meta_fb.ContentT()
-  probs.content.contentPropertiesType = meta_fb.ContentProperties.FeatureProperties
-  probs.content.contentProperties = meta_fb.FeaturePropertiesT()
-  probs.stats = meta_fb.StatsT()
-  probs.stats.max, probs.stats.min = [1.0], [0.0]
-  labels = meta_fb.AssociatedFileT()
-  labels.name = LABELS_FILE
-  labels.description = 'make|model|submodel, one per output index.'
-  labels.type = meta_fb.AssociatedFileType.TENSOR_AXIS_LABELS
-  probs.associatedFiles = [labels]
+  outputs = [_probabilities('probability',
+                            f'Probabilities of the {n_labels} make|model|submodel classes.',
+                            LABELS_FILE, 'make|model|submodel, one per output index.')]
+  if n_makes:
+    outputs.append(_probabilities('make_probability', f'Probabilities of the {n_makes} makes.',
+                                  MAKE_LABELS_FILE, 'make, one per output index.'))
 
   graph = meta_fb.SubGraphMetadataT()
   graph.inputTensorMetadata = [image]
-  graph.outputTensorMetadata = [probs]
+  graph.outputTensorMetadata = outputs
   model = meta_fb.ModelMetadataT()
   model.name, model.description, model.version = name, description, version
   model.author, model.license = author, license_text
@@ -80,19 +92,38 @@ def _metadata_buffer(name: str, description: str, version: str, author: str,
 
 
 def embed(model_bytes: bytes, labels: List[str], *, name: str, description: str,
-          version: str, author: str = 'carvision', license_text: str = '') -> bytes:
-  """Returns the model with metadata and `labels.txt` packed in (input left untouched)."""
+          version: str, author: str = 'carvision', license_text: str = '',
+          make_labels: Optional[List[str]] = None) -> bytes:
+  """Returns the model with metadata and its label files packed in (input left untouched).
+
+  One output: class probabilities (`labels.txt`). Two outputs: class, then make
+  probabilities (`make_labels.txt`); a client such as MediaPipe's ImageClassifier then
+  returns both heads by name. Metadata already in the model is replaced, not stacked.
+  """
   schema = _schema()
   model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(model_bytes), 0))
-  if len(model.subgraphs[0].inputs) != 1 or len(model.subgraphs[0].outputs) != 1:
-    raise ValueError('expected one input (pixels) and one output (probabilities)')
-  shape = list(model.subgraphs[0].tensors[model.subgraphs[0].inputs[0]].shape)
-  out_shape = list(model.subgraphs[0].tensors[model.subgraphs[0].outputs[0]].shape)
-  if out_shape[-1] != len(labels):
-    raise ValueError(f'{len(labels)} labels for an output of shape {out_shape}')
+  graph = model.subgraphs[0]
+  heads = [labels] + ([make_labels] if len(graph.outputs) == 2 else [])
+  if len(graph.inputs) != 1 or len(graph.outputs) not in (1, 2):
+    raise ValueError('expected one input (pixels) and one or two outputs (class, make)')
+  if len(heads) == 2 and make_labels is None:
+    raise ValueError('a model with two outputs needs make_labels for the second')
+  if len(heads) == 2:
+    graph.outputs = _class_first(model, graph, len(labels), len(heads[1]))
+  shape = list(graph.tensors[graph.inputs[0]].shape)
+  for i, head in enumerate(heads):
+    out_shape = list(graph.tensors[graph.outputs[i]].shape)
+    if out_shape[-1] != len(head):
+      raise ValueError(f'{len(head)} labels for output {i} of shape {out_shape}')
+  # replace a previous metadata buffer instead of keeping it beside the new one
+  old = [m.buffer for m in (model.metadata or [])
+         if m.name in (METADATA_FIELD_NAME, METADATA_FIELD_NAME.encode())]
+  for i in old:
+    model.buffers[i].data = []
   buf = schema.BufferT()
   buf.data = list(_metadata_buffer(name, description, version, author, license_text,
-                                   int(shape[1]), int(shape[2]), len(labels)))
+                                   int(shape[1]), int(shape[2]), len(labels),
+                                   len(heads[1]) if len(heads) == 2 else 0))
   model.buffers = (model.buffers or []) + [buf]
   field = schema.MetadataT()
   field.name, field.buffer = METADATA_FIELD_NAME, len(model.buffers) - 1
@@ -104,7 +135,39 @@ def embed(model_bytes: bytes, labels: List[str], *, name: str, description: str,
   out.seek(0, io.SEEK_END)
   with zipfile.ZipFile(out, 'a') as zf:  # associated files: a zip after the flatbuffer
     zf.writestr(LABELS_FILE, '\n'.join(labels) + '\n')
+    if len(heads) == 2:
+      zf.writestr(MAKE_LABELS_FILE, '\n'.join(heads[1]) + '\n')
   return out.getvalue()
+
+
+def _class_first(model, graph, n_classes: int, n_makes: int) -> List[int]:
+  """The subgraph's two outputs ordered (class, make). The converter does not keep the
+  order the exported function returns them in; its signature does name them
+  (`output_0` = class, `output_1` = make), else the sizes tell them apart."""
+  outs = list(graph.outputs)
+  for sig in model.signatureDefs or []:
+    named = {(o.name.decode() if isinstance(o.name, bytes) else o.name): o.tensorIndex
+             for o in sig.outputs or []}
+    if {'output_0', 'output_1'} <= set(named) and set(named.values()) == set(outs):
+      return [named['output_0'], named['output_1']]
+  sizes = [int(graph.tensors[i].shape[-1]) for i in outs]
+  if n_classes != n_makes and sorted(sizes) == sorted([n_classes, n_makes]):
+    return outs if sizes[0] == n_classes else outs[::-1]
+  return outs
+
+
+def class_first(model_bytes: bytes, n_classes: int, n_makes: int) -> bytes:
+  """The model with its outputs ordered (class, make): what clients and the metadata expect."""
+  schema = _schema()
+  model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(model_bytes), 0))
+  graph = model.subgraphs[0]
+  order = _class_first(model, graph, n_classes, n_makes)
+  if order == list(graph.outputs):
+    return model_bytes
+  graph.outputs = order
+  b = flatbuffers.Builder(0)
+  b.Finish(model.Pack(b), MODEL_IDENTIFIER)
+  return bytes(b.Output())
 
 
 def read(model_bytes: bytes) -> Dict:
@@ -127,7 +190,12 @@ def read(model_bytes: bytes) -> Dict:
     for n in zf.namelist():
       files[n] = zf.read(n).decode()
   out_files = [f.name.decode() for f in graph.outputTensorMetadata[0].associatedFiles or []]
-  return {'name': md.name.decode(), 'version': md.version.decode(),
+  outputs = []
+  for t in graph.outputTensorMetadata:
+    files_of = [f.name.decode() for f in t.associatedFiles or []]
+    outputs.append({'name': t.name.decode(), 'files': files_of,
+                    'labels': files.get(files_of[0], '').splitlines() if files_of else []})
+  return {'name': md.name.decode(), 'version': md.version.decode(), 'outputs': outputs,
           'description': md.description.decode(),
           'license': (md.license or b'').decode(),
           'min_parser_version': md.minParserVersion.decode(),

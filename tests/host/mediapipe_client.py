@@ -1,6 +1,6 @@
 """A real client of the shipped file: MediaPipe Tasks' ImageClassifier (host Python).
 
-Prints one JSON line: {photo path: [head name, top-1 label, its score]}. The labels come
+Prints one JSON line: {photo path: [head name, top-1 label, its score, top-1 make or None]}. The labels come
 from the TFLite metadata alone (no labels.txt is given to MediaPipe).
 """
 import json
@@ -18,9 +18,12 @@ def main(model: str, photos):
   with vision.ImageClassifier.create_from_options(opts) as classifier:
     for path in photos:
       result = classifier.classify(mp.Image.create_from_file(path))
-      head = result.classifications[0]
+      heads = {h.head_name: h for h in result.classifications}
+      head = heads.get('probability', result.classifications[0])
       best = head.categories[0]
-      out[path] = [head.head_name, best.category_name, round(float(best.score), 6)]
+      make = heads.get('make_probability')  # the second head, in files that have one
+      out[path] = [head.head_name, best.category_name, round(float(best.score), 6),
+                   make.categories[0].category_name if make else None]
   print(json.dumps(out))
 
 

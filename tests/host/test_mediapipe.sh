@@ -31,6 +31,12 @@ mp = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
 labels = set(open(sys.argv[3]).read().split('\n')) - {''}
 assert set(mp) == set(litert), 'not the same photos'
 assert all(v[1] in labels for v in mp.values()), 'MediaPipe returned a name not in labels.txt'
+makes = {v[3] for v in mp.values()} - {None}
+if makes:  # a file with the make head: its names come from make_labels.txt in the metadata
+  import os
+  known = set(open(os.path.join(os.path.dirname(sys.argv[3]), 'make_labels.txt')).read().split('\n'))
+  assert makes <= known, makes - known
+  print(f'[host] mediapipe: the make head by name on {len(mp)} photos')
 same = sum(mp[p][1] == litert[p] for p in mp)
 print(f'[host] mediapipe ImageClassifier: labels from the metadata, top-1 equal to LiteRT on {same}/{len(mp)} photos')
 assert same == len(mp), {p: (mp[p][1], litert[p]) for p in mp if mp[p][1] != litert[p]}
