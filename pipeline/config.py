@@ -145,6 +145,13 @@ class ModelConfig:
   # it in memory while the set fits this budget; a bigger set is decoded again every epoch
   # (streamed from the TFRecords), so memory stays bounded at any data set size.
   photo_cache_mb: NonNegative = 3072
+  # tf.distribute strategy: auto (several GPUs: mirrored; one GPU; else CPU), none, mirrored,
+  # tpu. batch_size is per replica; learning rates scale with the number of replicas; mixed
+  # precision only on GPUs with tensor cores and TPUs.
+  distribute: Annotated[str, _one_of(('auto', 'none', 'mirrored', 'tpu'))] = 'auto'
+  # Activations of the frozen network (cached stages) stay in memory up to this size; the
+  # rest is written to local disk (numpy memmap) and read back batch by batch.
+  activation_cache_mb: NonNegative = 4096
   tflite_representative_samples: Positive = 200
   # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
   # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
@@ -211,6 +218,18 @@ class PushConfig:
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
+class CloudTrainerConfig:
+  """Vertex AI custom training for the Trainer (`--runner vertex`): one worker pool."""
+  machine_type: str = 'n1-standard-8'
+  accelerator_type: Optional[str] = 'NVIDIA_TESLA_T4'   # null: CPU only
+  accelerator_count: NonNegative = 1
+  # More than 1 adds a worker pool of replica_count - 1 machines (the Trainer's strategy
+  # uses the GPUs of one machine: several machines need MultiWorkerMirroredStrategy).
+  replica_count: Positive = 1
+  image: Optional[str] = None            # default: cloud.image
+
+
+@pydantic.dataclasses.dataclass(config=_STRICT)
 class CloudConfig:
   """Google Cloud: Dataflow for the Beam components, Vertex AI Pipelines for orchestration."""
   project: Optional[str] = None
@@ -226,6 +245,9 @@ class CloudConfig:
   subnetwork: Optional[str] = None       # reaches Cloud SQL's private IP
   use_public_ips: bool = False
   vertex_spec: str = 'runs/vertex/carvision_pipeline.json'
+  # With --runner vertex, the Trainer runs as a Vertex AI custom job on this machine
+  # (null: in the pipeline's own container, on its CPU).
+  trainer: Optional[CloudTrainerConfig] = None
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)

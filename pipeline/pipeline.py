@@ -57,8 +57,29 @@ def eval_config(cfg: Config) -> tfma.EvalConfig:
       metrics_specs=[tfma.MetricsSpec(metrics=metrics)])
 
 
-def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipeline:
-  """The pipeline in data order. `card`: extra model-card fields (command, data, code version)."""
+def vertex_training_config(cfg: Config) -> Dict:
+  """custom_config of TFX's Vertex AI Trainer: one custom job with `cloud.trainer`'s
+  machine (names only: no secret, the job reads the same environment as the pipeline)."""
+  t = cfg.cloud.trainer
+  machine = {'machine_type': t.machine_type}
+  if t.accelerator_type and t.accelerator_count:
+    machine.update(accelerator_type=t.accelerator_type, accelerator_count=t.accelerator_count)
+  container = {'image_uri': t.image or cfg.cloud.image}
+  pools = [{'machine_spec': machine, 'replica_count': 1, 'container_spec': container}]
+  if t.replica_count > 1:
+    pools.append({'machine_spec': machine, 'replica_count': t.replica_count - 1,
+                  'container_spec': container})
+  job_spec = {'worker_pool_specs': pools}
+  if cfg.cloud.service_account:
+    job_spec['service_account'] = cfg.cloud.service_account
+  return {'ai_platform_enable_vertex': True, 'ai_platform_vertex_region': cfg.cloud.region,
+          'ai_platform_training_args': {'project': cfg.cloud.project, 'job_spec': job_spec}}
+
+
+def create_pipeline(cfg: Config, card: Optional[Dict] = None,
+                    vertex_training: bool = False) -> tfx.dsl.Pipeline:
+  """The pipeline in data order. `card`: extra model-card fields (command, data, code version).
+  `vertex_training`: the Trainer runs as a Vertex AI custom job (`cloud.trainer`)."""
   trainer_model.parse_views(cfg.model.serving_views)  # a bad view fails here, not after ingestion
   ingest = dataclasses.asdict(cfg.ingest)
   if ingest['csv']:
@@ -87,7 +108,16 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
                                      output_key='blessing'),
   ).with_id('latest_blessed_model_resolver')
 
-  trainer = tfx.components.Trainer(
+  # The model and serve sections only (serve: the decision thresholds the Trainer writes
+  # beside the model): a gate or push change must not invalidate a cached Trainer.
+  trainer_config = {'config': json.dumps({'model': dataclasses.asdict(cfg.model),
+                                           'serve': dataclasses.asdict(cfg.serve),
+                                           'license': cfg.push.license}, sort_keys=True)}
+  trainer_class = tfx.components.Trainer
+  if vertex_training and cfg.cloud.trainer is not None:
+    trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer
+    trainer_config.update(vertex_training_config(cfg))
+  trainer = trainer_class(
       run_fn='components.trainer.task.run_fn',
       examples=transform.outputs['transformed_examples'],
       transform_graph=transform.outputs['transform_graph'],
@@ -96,10 +126,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None) -> tfx.dsl.Pipelin
                   if cfg.model.warm_start == 'latest_blessed' else None),
       train_args=tfx.proto.TrainArgs(splits=['train']),
       eval_args=tfx.proto.EvalArgs(splits=['validation']),  # everything the Trainer chooses
-      # Only the model section: a gate or push change must not invalidate a cached Trainer.
-      custom_config={'config': json.dumps({'model': dataclasses.asdict(cfg.model),
-                                           'serve': dataclasses.asdict(cfg.serve),
-                                           'license': cfg.push.license}, sort_keys=True)})
+      custom_config=trainer_config)
 
   ev = cfg.evaluate
   # The deploy gate on what ships: the int8 TFLite on the test split (+ parity with float).

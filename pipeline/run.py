@@ -112,7 +112,9 @@ def summarize(cfg: Config) -> Dict[str, Any]:
       # The shipped artifact's gate (int8 TFLite, parity, regression): the one that blesses.
       'int8_gate': judged.get('checks', {}),
       'int8_metrics': {k: m.get(k) for k in ('examples', 'top1_accuracy', 'top5_accuracy',
-                                            'make_accuracy', 'per_ad', 'float', 'ece')},
+                                            'make_accuracy', 'per_ad', 'float', 'ece',
+                                            'fast')},
+      'answers': m.get('answers'),
       'report': os.path.join(lite_eval.uri, names.REPORT_HTML) if judged else None,
       # TFMA's verdict on the float SavedModel (pass/fail as TFMA decided it).
       'metrics': {k: {'value': metrics.get(k), 'threshold': v,
@@ -187,6 +189,17 @@ def format_summary(s: Dict[str, Any]) -> str:
                    f"{ad.get('top5_accuracy', float('nan')):.4f} over {ad.get('examples')} ads")
       if im.get('ece') is not None:
         lines.append(f"    calibration error (ECE, 15 bins) {im['ece']:.4f}")
+    dec = (s.get('answers') or {}).get('decision')
+    if dec:
+      lines.append(f"    answers (class >= {dec['class_min_confidence']:.3f}, else make >= "
+                   f"{dec['make_min_confidence']:.3f}): class {dec['class']['share']:.1%} of "
+                   f"photos (accuracy {dec['class']['accuracy']}), make {dec['make']['share']:.1%} "
+                   f"(accuracy {dec['make']['accuracy']}), not sure {dec['not_sure']['share']:.1%}")
+    fast = im.get('fast')
+    if fast:
+      lines.append(f"    fast file (1 view): top-1 {fast['top1_accuracy']:.4f} top-5 "
+                   f"{fast['top5_accuracy']:.4f} ({fast['top1_vs_multi_view']:+.4f} vs the "
+                   f"multi-view file): {'ships' if fast['passes_floors'] else 'below the floors, not shipped'}")
     if s.get('report'):
       lines.append(f"    report: {s['report']}")
   if s.get('metrics'):

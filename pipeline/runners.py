@@ -100,7 +100,7 @@ def compile_vertex(cfg: Config, output: str = None) -> str:
       config=v2.KubeflowV2DagRunnerConfig(default_image=cfg.cloud.image),
       output_dir=os.path.dirname(output), output_filename=os.path.basename(output))
   # Vertex keeps ML Metadata itself: no sqlite connection in the spec.
-  pipe = create_pipeline(cfg, card_extras())
+  pipe = create_pipeline(cfg, card_extras(), vertex_training=True)
   pipe.metadata_connection_config = None
   runner.run(pipe)
   return output

@@ -192,6 +192,24 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
   assert card['contract']['test_time_views'] == cfg.model.serving_views == ['full', 'flip', 'crop:0.875']
   kept = card['quantisation']['int8_float_layers']
   assert len(kept) == cfg.model.tflite_float_layers == 5 and all(k['rmse_per_scale'] > 0 for k in kept)
+  # both heads in every file, each with its labels in the metadata
+  makes = open(os.path.join(v, 'make_labels.txt')).read().splitlines()
+  md = tflite_metadata.read(open(os.path.join(v, 'model.tflite'), 'rb').read())
+  assert [(o['name'], o['labels']) for o in md['outputs']] == [
+      ('probability', labels), ('make_probability', makes)]
+  # the decision's thresholds, chosen on validation, travel with the model
+  serve = json.load(open(os.path.join(v, 'serve.json')))
+  assert serve == card['decision'] and set(serve['chosen_on'].values()) == {'validation'}
+  assert 0 < serve['class_min_confidence'] <= 1 and 0 < serve['make_min_confidence'] <= 1
+  ans = json.load(open(os.path.join(os.path.dirname(s['report']), 'metrics.json')))[
+      'metrics']['answers']
+  assert ans['decision']['class_min_confidence'] == serve['class_min_confidence']
+  assert len(ans['class']['risk_coverage']['coverage']) == 20
+  assert os.path.exists(os.path.join(v, 'risk_coverage.png'))
+  # the single-view file: its own figures on the test split; shipped only if it passes
+  fast = card['metrics']['test']['int8_tflite_fast']
+  assert fast['examples'] == ev['examples'] and 'top1_vs_multi_view' in fast
+  assert os.path.exists(os.path.join(v, 'model_fast.tflite')) == fast['passes_floors']
 
 
 def test_impossible_threshold_blocks_the_push(first_run, tiny_dsn):

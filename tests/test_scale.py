@@ -28,6 +28,17 @@ def test_vertex_spec_has_every_component_with_image_and_args(tmp_path, monkeypat
     assert c['image'] == cfg.cloud.image, name
     assert '--runner=DataflowRunner' in c['args'] and f'--project={cfg.cloud.project}' in c['args']
     assert f'--max_num_workers={cfg.cloud.max_num_workers}' in c['args']
+  # the Trainer runs as a Vertex AI custom job on cloud.trainer's machine
+  trainer = next(v for k, v in spec['deploymentSpec']['executors'].items() if 'Trainer' in k
+                 and 'container' in v)
+  args = ' '.join(trainer['container']['args'])
+  assert 'google_cloud_ai_platform.trainer.executor' in args, args[:500]
+  # its custom_config (a component parameter) carries the job spec
+  trainer_params = json.dumps(spec['root']['dag']['tasks']['Trainer'])
+  assert 'ai_platform_enable_vertex' in trainer_params and 'worker_pool_specs' in trainer_params
+  t = cfg.cloud.trainer
+  for value in (t.machine_type, t.accelerator_type, cfg.cloud.region, cfg.cloud.project):
+    assert value in trainer_params, value
   # the ingest config travels in the spec with the secret's name, never a password
   assert cfg.ingest.password_secret in text
   assert 'not-in-the-spec-0451' not in text and 'PGPASSWORD' not in text
@@ -97,3 +108,23 @@ def test_two_worker_processes_match_in_process(tmp_path, tiny_dsn, image_host):
     # the same examples (feature maps serialise in arbitrary order: compare contents)
     assert sorted(_content(e) for e in ex2) == sorted(_content(e) for e in ex1[split])
     assert _vocabulary(ex2) == _vocabulary(ex1[split])
+
+
+def test_vertex_training_job_spec_from_config():
+  from pipeline.pipeline import vertex_training_config
+  cfg = config_lib.load('dataflow', {'cloud.trainer.replica_count': 3,
+                                     'cloud.trainer.accelerator_type': 'NVIDIA_L4'})
+  got = vertex_training_config(cfg)
+  assert got['ai_platform_enable_vertex'] is True
+  assert got['ai_platform_vertex_region'] == cfg.cloud.region
+  args = got['ai_platform_training_args']
+  assert args['project'] == cfg.cloud.project
+  pools = args['job_spec']['worker_pool_specs']
+  assert [p['replica_count'] for p in pools] == [1, 2]
+  assert pools[0]['machine_spec'] == {'machine_type': 'n1-standard-8', 'accelerator_type': 'NVIDIA_L4',
+                                      'accelerator_count': 1}
+  assert pools[0]['container_spec']['image_uri'] == cfg.cloud.image
+  assert args['job_spec']['service_account'] == cfg.cloud.service_account
+  cpu = vertex_training_config(config_lib.load('dataflow', {'cloud.trainer.accelerator_type': None}))
+  assert cpu['ai_platform_training_args']['job_spec']['worker_pool_specs'][0]['machine_spec'] == {
+      'machine_type': 'n1-standard-8'}

@@ -89,3 +89,36 @@ def test_a_classifier_trained_at_one_size_serves_at_another():
   for at in (64, SIZE):
     out = full(np.zeros((2, at, at, 3), np.uint8))
     assert out[M.CLASS_OUT].shape == (2, 3)
+
+
+def test_activations_over_the_budget_go_to_disk_and_train_the_same(records, tmp_path):
+  """Bounded memory: a budget smaller than the fixture spills the frozen network's
+  activations to a disk memmap; the arrays, the batches and one head fit are the same."""
+  import tf_keras as keras
+  files, _ = records
+  lower = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Conv2D(4, 3, strides=4),
+                            keras.layers.GlobalAveragePooling2D()])
+  ds = task.dataset(files, _spec(), SIZE, 4, 3, 2, training=False)
+  in_memory, y1 = task.cached_features(lower, ds)
+  store = task.ActivationStore(budget_mb=0, spill_dir=str(tmp_path / 'spill'))
+  on_disk, y2 = task.cached_features(lower, ds, count=12, store=store)
+  assert store.spilled == 1 and isinstance(on_disk, np.memmap)
+  assert os.listdir(tmp_path / 'spill')
+  np.testing.assert_array_equal(on_disk, in_memory)
+  np.testing.assert_array_equal(y1[M.CLASS_OUT], y2[M.CLASS_OUT])
+  roomy = task.ActivationStore(budget_mb=1)
+  kept, _ = task.cached_features(lower, ds, count=12, store=roomy)
+  assert roomy.spilled == 0 and not isinstance(kept, np.memmap)
+  n_out = {M.CLASS_OUT: 3, M.MAKE_OUT: 2}
+  weights = []
+  for x in (in_memory, on_disk):
+    head = M.heads(4, 3, 2, 0.0)
+    keras.utils.set_random_seed(0)
+    head.set_weights([np.full(w.shape, 0.01, np.float32) for w in head.get_weights()])
+    task._compile(head, 0.01, 0.0)  # pylint: disable=protected-access
+    head.fit(task.ArrayBatches(x, y1, 4, n_out, shuffle=True, seed=3), epochs=2, verbose=0)
+    weights.append(head.get_weights())
+  for a, b in zip(*weights):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  store.cleanup()
+  assert not os.path.exists(tmp_path / 'spill')

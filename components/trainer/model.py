@@ -42,8 +42,11 @@ def heads(n_features: int, n_classes: int, n_makes: int, dropout: float) -> kera
   """Pooled features -> class and make probabilities (trained alone on cached features first)."""
   feats = keras.Input((n_features,), name='features')
   x = keras.layers.Dropout(dropout, name='head_dropout')(feats)
-  out = {CLASS_OUT: keras.layers.Dense(n_classes, activation='softmax', name=CLASS_OUT)(x),
-         MAKE_OUT: keras.layers.Dense(n_makes, activation='softmax', name=MAKE_OUT)(x)}
+  # float32 outputs under a mixed-precision policy too: probabilities need the precision
+  out = {CLASS_OUT: keras.layers.Dense(n_classes, activation='softmax', name=CLASS_OUT,
+                                       dtype='float32')(x),
+         MAKE_OUT: keras.layers.Dense(n_makes, activation='softmax', name=MAKE_OUT,
+                                      dtype='float32')(x)}
   return keras.Model(feats, out, name='heads')
 
 

@@ -155,20 +155,62 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16, backbone: str = ''):
+class ActivationStore:
+  """Where cached activations live: in memory while the total fits `budget_mb`, else in
+  float16 files on local disk (numpy memmaps, read back batch by batch), so the frozen
+  network's activations of a data set of any size fit a bounded memory."""
+
+  def __init__(self, budget_mb: float, spill_dir: Optional[str] = None):
+    self.budget = float(budget_mb) * 2**20
+    self.used = 0.0
+    self.spill_dir = spill_dir
+    self.spilled = 0
+
+  def allocate(self, shape, dtype=np.float16) -> np.ndarray:
+    nbytes = float(np.prod(shape)) * np.dtype(dtype).itemsize
+    if self.used + nbytes <= self.budget:
+      self.used += nbytes
+      return np.empty(shape, dtype)
+    import tempfile  # pylint: disable=g-import-not-at-top
+    if self.spill_dir is None:
+      self.spill_dir = tempfile.mkdtemp(prefix='carvision-activations-')
+    os.makedirs(self.spill_dir, exist_ok=True)
+    self.spilled += 1
+    path = os.path.join(self.spill_dir, f'activations-{self.spilled}.npy')
+    return np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=tuple(shape))
+
+  def cleanup(self) -> None:
+    if self.spilled and self.spill_dir:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16, backbone: str = '',
+                    count: Optional[int] = None, store: Optional[ActivationStore] = None):
   """Runs the frozen lower network once over `ds`; returns (activations, labels dict).
 
-  Activations are kept as float16 to halve memory (feature maps of thousands of views).
+  Activations are kept as float16 to halve memory (feature maps of thousands of views);
+  with `count` (examples in `ds`, an upper bound) and a `store`, they are written into an
+  array the store allocates (memory or a disk memmap) instead of being concatenated.
   """
   f = tf.function(lambda x: lower(M.normalise(backbone, x), training=False))
   feats, cls, make = [], [], []
+  out, n = None, 0
   for x, y in ds:
-    feats.append(f(x).numpy().astype(dtype))
+    a = f(x).numpy().astype(dtype)
+    if store is not None and count is not None:
+      if out is None:
+        out = store.allocate((count,) + a.shape[1:], dtype)
+      out[n:n + len(a)] = a
+      n += len(a)
+    else:
+      feats.append(a)
     cls.append(np.argmax(y[M.CLASS_OUT].numpy(), -1).astype(np.int32))
     make.append(np.argmax(y[M.MAKE_OUT].numpy(), -1).astype(np.int32))
-  if not feats:
+  if not cls:
     raise ValueError('no examples with a known label')
-  return np.concatenate(feats), {M.CLASS_OUT: np.concatenate(cls), M.MAKE_OUT: np.concatenate(make)}
+  x_all = out[:n] if out is not None else np.concatenate(feats)
+  return x_all, {M.CLASS_OUT: np.concatenate(cls), M.MAKE_OUT: np.concatenate(make)}
 
 
 class ArrayBatches(keras.utils.Sequence):
@@ -336,11 +378,21 @@ def _compile(m: keras.Model, schedule, smoothing: float):
 
 
 def run_fn(fn_args):
-  """TFX Trainer entry point (GenericExecutor)."""
-  t0 = time.time()
+  """TFX Trainer entry point (GenericExecutor): the same code on a CPU, GPUs or a TPU."""
+  from components.trainer import distribute  # pylint: disable=g-import-not-at-top
   cfg = json.loads(fn_args.custom_config['config'])
+  strategy = distribute.set_up(cfg['model'].get('distribute') or 'auto')
+  with strategy.scope():
+    _train(fn_args, cfg, strategy.num_replicas_in_sync)
+
+
+def _train(fn_args, cfg, replicas: int = 1):
+  t0 = time.time()
   mc = cfg['model']
-  size, batch = int(mc['image_size']), int(mc['batch_size'])
+  from components.trainer import distribute  # pylint: disable=g-import-not-at-top
+  size = int(mc['image_size'])
+  # batch_size is per replica; learning rates scale with the replicas (distribute.scaled)
+  batch, lr_scale = distribute.scaled(int(mc['batch_size']), 1.0, replicas)
   tft_out = tft.TFTransformOutput(fn_args.transform_output)
   n_classes = tft_out.vocabulary_size_by_name(F.vocab_name('class'))
   n_makes = tft_out.vocabulary_size_by_name(F.vocab_name('make'))
@@ -405,15 +457,20 @@ def run_fn(fn_args):
       lower, upper = M.el.split(base, mc['backbone'], max(cached_tops))
     else:
       lower = base
-    views = [data(train_files, False)]
-    views += [data(train_files, True) for _ in range(int(mc['feature_views']) - 1)]
-    parts = [cached_features(lower, v, backbone=mc['backbone']) for v in views]
-    xtr = np.concatenate([p[0] for p in parts])
-    ytr = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-    xev, yev = cached_features(lower, data(eval_files, False), backbone=mc['backbone'])
-    logging.info('cached activations: train %s validation %s (%.0f MB) in %.1fs', xtr.shape,
-                 xev.shape, (xtr.nbytes + xev.nbytes) / 2**20, time.time() - ts)
-    return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts}
+    n_views = int(mc['feature_views'])
+    chained = data(train_files, False)
+    for _ in range(n_views - 1):
+      chained = chained.concatenate(data(train_files, True))
+    # One array for all views, in memory up to model.activation_cache_mb, else on disk.
+    store = ActivationStore(float(mc.get('activation_cache_mb', 4096)))
+    xtr, ytr = cached_features(lower, chained, backbone=mc['backbone'],
+                               count=n_train * n_views, store=store)
+    xev, yev = cached_features(lower, validation, backbone=mc['backbone'], count=n_val,
+                               store=store)
+    logging.info('cached activations: train %s validation %s (%.0f MB, %s) in %.1fs', xtr.shape,
+                 xev.shape, (xtr.nbytes + xev.nbytes) / 2**20,
+                 'on disk' if store.spilled else 'in memory', time.time() - ts)
+    return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts, 'store': store}
 
   def pooled(c):
     """Frozen-stage inputs: pooled features (through the frozen upper part when split)."""
@@ -424,8 +481,15 @@ def run_fn(fn_args):
       else:
         M.set_trainable(upper, 'none')
         f = tf.function(lambda x: upper(x, training=False))
-        run = lambda a: np.concatenate([f(a[i:i + 256].astype(np.float32)).numpy()
-                                        for i in range(0, len(a), 256)])
+
+        def run(a):
+          out = None
+          for i in range(0, len(a), 256):
+            y = f(a[i:i + 256].astype(np.float32)).numpy()
+            if out is None:
+              out = c['store'].allocate((len(a), y.shape[-1]), np.float16)
+            out[i:i + len(y)] = y
+          return out
         c['pooled'] = (run(xtr), ytr, run(xev), yev)
     return c['pooled']
 
@@ -447,7 +511,7 @@ def run_fn(fn_args):
       train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
       val = ArrayBatches(xev, yev, 256, n_out, shuffle=False)
       steps = len(train_seq) * epochs
-      _compile(head, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
+      _compile(head, M.WarmupCosine(stage['learning_rate'] * lr_scale, steps, steps // 10), smoothing)
       h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(stage), tb],
                    verbose=2)
     elif cached_stage:
@@ -459,7 +523,7 @@ def run_fn(fn_args):
       top = keras.Model(inp, M.named(head(upper(inp))), name='top')
       train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
       steps = len(train_seq) * epochs
-      _compile(top, M.WarmupCosine(stage['learning_rate'], steps, steps // 10), smoothing)
+      _compile(top, M.WarmupCosine(stage['learning_rate'] * lr_scale, steps, steps // 10), smoothing)
       h = top.fit(train_seq, epochs=epochs, validation_data=ArrayBatches(
           xev, yev, 256, n_out, shuffle=False), callbacks=[stop(stage), tb], verbose=2)
       M.el.copy_weights(upper, base)
@@ -470,7 +534,8 @@ def run_fn(fn_args):
         raise ValueError(f'stage {name}: image_size {at} needs a backbone of any input size '
                          f"(EfficientNet-Lite); {mc['backbone']} is built at {size}")
       per_epoch = max(1, n_train // batch)
-      _compile(full, M.WarmupCosine(stage['learning_rate'], per_epoch * epochs, per_epoch // 2),
+      _compile(full, M.WarmupCosine(stage['learning_rate'] * lr_scale, per_epoch * epochs,
+                                      per_epoch // 2),
                smoothing)
       train = data(train_files, True, repeat=True, at=at, cached=keep_photos,
                    light=stage.get('augment') == 'light')
@@ -492,6 +557,9 @@ def run_fn(fn_args):
     logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
   if cache is not None:
     history['cache_seconds'] = cache['seconds']
+    history['activations_on_disk'] = bool(cache['store'].spilled)
+    cache['store'].cleanup()
+    cache = None
 
   # Final figures of the restored model on the validation split (Keras, float).
   _compile(full, 1e-4, smoothing)
