@@ -182,7 +182,7 @@ def cmd_predict(args) -> int:
   A photo that cannot be read is an error line of its own (stderr, and in --json); the
   others are still answered; the exit code is then EXIT_SOME_INPUTS.
   """
-  from components import decision, names, serving  # pylint: disable=g-import-not-at-top
+  from components import decision, names, scoring, serving  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   max_pixels = cfg.ingest.max_pixels
@@ -190,7 +190,7 @@ def cmd_predict(args) -> int:
   # class / make / not sure: --flags, else numbers in serve.*, else the model's serve.json
   where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
   saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
-  limits = serving.thresholds(cfg.serve, saved)
+  limits = scoring.thresholds(cfg.serve, saved)
   for key in ('class_min_confidence', 'make_min_confidence'):
     if getattr(args, key) is not None:
       limits[key] = getattr(args, key)
@@ -281,7 +281,7 @@ def cmd_evaluate(args) -> int:
   """top-1/top-5 per photo and per ad on a data set in the labels.csv + images/ format."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from components import serving  # pylint: disable=g-import-not-at-top
+  from components import report, scoring, serving  # pylint: disable=g-import-not-at-top
   from components.example_gen import records  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   rows = read_labels_csv(args.data)  # checked before the model loads or any photo is scored
@@ -320,8 +320,8 @@ def cmd_evaluate(args) -> int:
            for r, _ in usable]
   where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
   saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
-  metrics = serving.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable],
-                          answers=serving.thresholds(cfg.serve, saved))
+  metrics = scoring.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable],
+                          answers=scoring.thresholds(cfg.serve, saved))
   metrics['skipped'] = skipped
   known = set(model.labels)
   unknown = sorted({t for t in truth if t not in known})
@@ -329,12 +329,12 @@ def cmd_evaluate(args) -> int:
   ev = cfg.evaluate
   top1_min = ev.top1_min if args.top1_min is None else args.top1_min
   top5_min = ev.top5_min if args.top5_min is None else args.top5_min
-  checks = serving.verdicts(metrics, {'top1_accuracy': top1_min, 'top5_accuracy': top5_min})
-  per_make = serving.make_check(metrics, ev.min_make_top1, ev.min_make_photos)
+  checks = scoring.verdicts(metrics, {'top1_accuracy': top1_min, 'top5_accuracy': top5_min})
+  per_make = scoring.make_check(metrics, ev.min_make_top1, ev.min_make_photos)
   if per_make is not None:
     checks['min_make_top1'] = per_make
   if args.report:
-    serving.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
+    report.write_report(args.report, f'{os.path.basename(args.data.rstrip("/"))}: {metrics["model"]}',
                          metrics, checks)
   if not args.json:
     left_out = ', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'

@@ -132,7 +132,8 @@ def test_bbox_crop_keeps_the_car():
 
 
 def test_set_trainable_opens_only_the_named_blocks():
-  """Regression: setting the model's own flag last used to unfreeze BN and every block."""
+  """Regression: setting the model's own `trainable` after the per-layer flags used to
+  unfreeze BN and every block (set_trainable now sets it first)."""
   import tf_keras as keras
   from components.trainer import model as M
   base = el.build('efficientnet_lite2', (64, 64, 3))

@@ -52,13 +52,13 @@ def test_baked_temperature_equals_dividing_the_logits():
 
 
 def test_scores_and_report_carry_the_reliability_diagram(tmp_path):
-  from components import serving
+  from components import report, scoring
   labels = ['A|a|1', 'B|b|1', 'C|c|1']
   probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]])
-  m = serving.score(probs, labels, ['A|a|1', 'B|b|1', 'B|b|1', 'X|x|1'], groups=[1, 2, 2, 3])
+  m = scoring.score(probs, labels, ['A|a|1', 'B|b|1', 'B|b|1', 'X|x|1'], groups=[1, 2, 2, 3])
   assert m['unknown_classes'] == 1 and sum(m['reliability']['photos']) == 3
   assert abs(m['ece'] - calibration.ece(probs[:3], np.array([0, 1, 1]))) < 1e-12
-  checks = serving.verdicts(m, {'top1_accuracy': 0.5})
-  page = serving.write_report(str(tmp_path), 'probe', m, checks)[0]
+  checks = scoring.verdicts(m, {'top1_accuracy': 0.5})
+  page = report.write_report(str(tmp_path), 'probe', m, checks)[0]
   assert 'Calibration: top-1 confidence vs accuracy' in open(page).read()
-  assert serving.score(probs[:0], labels, [])['reliability'] is None
+  assert scoring.score(probs[:0], labels, [])['reliability'] is None

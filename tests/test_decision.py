@@ -84,7 +84,7 @@ def test_evaluate_reports_the_configured_decision_and_skips_unknown_classes():
 
 
 def test_scores_carry_answers_worst_makes_and_the_optional_make_gate(tmp_path):
-  from components import names, serving
+  from components import names, report, scoring
   rng = np.random.default_rng(2)
   truth_idx = rng.integers(0, 5, 120)
   probs = rng.dirichlet(np.ones(5), size=120)
@@ -92,18 +92,18 @@ def test_scores_carry_answers_worst_makes_and_the_optional_make_gate(tmp_path):
   probs /= probs.sum(axis=1, keepdims=True)
   truth = [LABELS[i] for i in truth_idx]
   limits = {'class_min_confidence': 0.6, 'make_min_confidence': 0.6, 'target_precision': 0.9}
-  m = serving.score(probs, LABELS, truth, groups=list(range(60)) * 2, answers=limits)
+  m = scoring.score(probs, LABELS, truth, groups=list(range(60)) * 2, answers=limits)
   assert m['answers']['decision']['class_min_confidence'] == 0.6
   assert m['per_ad']['answers']['photos'] == 60
   assert [w['make'] for w in m['worst_makes']][-1] == 'Audi'  # the easy make last
   assert m['worst_makes'][0]['top1_accuracy'] <= m['worst_makes'][-1]['top1_accuracy']
   # the per-make gate is off unless configured, and ignores makes with too few photos
-  assert serving.make_check(m, None, 20) is None
+  assert scoring.make_check(m, None, 20) is None
   worst = m['worst_makes'][0]
-  failing = serving.make_check(m, worst['top1_accuracy'] + 0.01, 1)
+  failing = scoring.make_check(m, worst['top1_accuracy'] + 0.01, 1)
   assert failing['pass'] is False and worst['make'] in failing['detail']
-  assert serving.make_check(m, worst['top1_accuracy'] + 0.01, 10_000)['pass'] is True
-  files = serving.write_report(str(tmp_path), 'probe', m, {'min_make_top1': failing})
+  assert scoring.make_check(m, worst['top1_accuracy'] + 0.01, 10_000)['pass'] is True
+  files = report.write_report(str(tmp_path), 'probe', m, {'min_make_top1': failing})
   assert [os.path.basename(f) for f in files] == [names.REPORT_HTML, names.REPORT_PNG,
                                                   names.RISK_COVERAGE_PNG]
   page = open(files[0]).read()
@@ -111,11 +111,11 @@ def test_scores_carry_answers_worst_makes_and_the_optional_make_gate(tmp_path):
 
 
 def test_thresholds_config_wins_over_the_models_own():
-  from components import serving
+  from components import scoring
   from pipeline.config import ServeConfig
   saved = {'class_min_confidence': 0.7, 'make_min_confidence': 0.4, 'target_precision': 0.95}
-  assert serving.thresholds(ServeConfig(), saved)['class_min_confidence'] == 0.7
+  assert scoring.thresholds(ServeConfig(), saved)['class_min_confidence'] == 0.7
   cfg = ServeConfig(class_min_confidence=0.9)
-  got = serving.thresholds(cfg, saved)
+  got = scoring.thresholds(cfg, saved)
   assert got['class_min_confidence'] == 0.9 and got['make_min_confidence'] == 0.4
-  assert serving.thresholds(ServeConfig(), None)['class_min_confidence'] is None
+  assert scoring.thresholds(ServeConfig(), None)['class_min_confidence'] is None

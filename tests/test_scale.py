@@ -74,7 +74,8 @@ def test_job_wide_rate_limit_is_split_over_workers():
 
 
 def _vocabulary(examples):
-  """tft.vocabulary's order: frequency, then value, both descending."""
+  """The expected vocabulary: frequency descending, ties by value ascending (how this test
+  sorts; both runs are compared against the same list)."""
   counts = collections.Counter(ex.features.feature['label/class'].bytes_list.value[0]
                                for ex in examples)
   return [v.decode() for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]),

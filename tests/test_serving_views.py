@@ -12,7 +12,7 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def small():
-  base = el.pretrained('efficientnet_lite0', (SIZE, SIZE, 3))  # random init: constant features
+  base = el.pretrained('efficientnet_lite0', (SIZE, SIZE, 3))  # converted ImageNet weights at 64 px
   head = M.heads(int(base.output.shape[-1]), 7, 3, 0.0)
   full = M.classifier(base, head, SIZE)
   rng = np.random.default_rng(0)
@@ -84,6 +84,11 @@ def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
   tensors = {t['name']: t['dtype'] for t in Interpreter(model_content=int8).get_tensor_details()}
   for k in kept:
     assert tensors[k['layer']] == np.float32, k
+  # the single-view (fast) file: int8 only, its own most sensitive layers float
+  fast, no_fp16, kept_fast = export.to_tflite(full, SIZE, x, ['full'], float_layers=1, fp16=False)
+  assert no_fp16 is None and len(kept_fast) == 1
+  fast_tensors = {t['name']: t['dtype'] for t in Interpreter(model_content=fast).get_tensor_details()}
+  assert fast_tensors[kept_fast[0]['layer']] == np.float32
   # the same graph with no layers kept float: those tensors are int8 there
   int8_plain, _, none_kept = export.to_tflite(full, SIZE, x, ['full', 'flip'])
   assert none_kept == []

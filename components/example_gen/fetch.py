@@ -47,7 +47,7 @@ class _Watchdog:
   """Cuts the socket of any fetch past its deadline (one daemon thread per process).
 
   A fetching thread announces its deadline, the HTTP connection attaches the socket it
-  sends on (_WatchedConnection), and past the deadline the watchdog shuts that socket
+  sends on (the connection classes of `_watched_pools`), and past the deadline the watchdog shuts that socket
   down, which wakes the blocked read; the fetch is then a `timeout` dead letter.
   """
 

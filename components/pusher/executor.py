@@ -51,6 +51,71 @@ def examples_fingerprint(examples_uri: str) -> str:
   return h.hexdigest()
 
 
+def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, ingest: Dict,
+               version: str, n_labels: int, examples_fingerprint: Optional[str],
+               model_uri: str, now: datetime.datetime) -> Dict:
+  """The model card of a pushed version, from what the Trainer recorded (`training.json`),
+  what the int8 gate judged (`metrics.json`) and the run's extras. Pure: no I/O."""
+  history = training.get('history') or {}
+  inside = history.get('serving') or {}  # views, layers kept float (export.py)
+  fast = judged['metrics'].get('fast') or {}
+  return {
+      'name': extras.get('name', 'carvision'),
+      'version': version,
+      'task': 'car make|model|submodel from one photo',
+      'contract': {'input': 'the whole RGB photo, bilinear-resized to the input tensor H x W, '
+                            'uint8 0-255, nothing else',
+                   'output': 'output 0: class probabilities in labels.txt order; output 1: '
+                             'make probabilities in make_labels.txt order (calibrated)',
+                   # averaged inside the model over these views of the photo (model.serving_views)
+                   'test_time_views': inside.get('views', ['full']),
+                   'labels': n_labels},
+      'files': files,
+      'metrics': {judged['split']: {
+          'int8_tflite': {k: judged['metrics'][k] for k in
+                          ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
+                           'per_ad', 'unknown_classes', 'ece') if k in judged['metrics']},
+          'float_savedmodel': judged['metrics'].get('float'),
+          'int8_tflite_fast': fast or None},
+          'validation': {'float_keras': history.get('validation')},
+          'train': {'float_keras_last_epoch': {
+              k: v[-1] for stage in history.get('stages', {}).values()
+              if isinstance(stage, dict) for k, v in stage.items()
+              if isinstance(v, list) and k.startswith('class_')}}},
+      # Which split did what: ads hashed by ad_id, no ad in two splits.
+      'splits': {'by': 'sha256(ad_id) buckets', 'roles': SPLIT_ROLES,
+                 'judged_on': judged['split'],
+                 'trainer_inputs': history.get('inputs')},
+      # temperature per head fitted on validation (baked into the weights); ECE on test above
+      'calibration': history.get('calibration'),
+      # the class / make / not-sure thresholds (serve.json) and where they were chosen
+      'decision': history.get('serve'),
+      'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
+                       'always_float': inside.get('int8_float_ops')},
+      'checks': judged['checks'],
+      'thresholds': judged['gate'],
+      'data': {'ingestion': ingest,
+               'examples_fingerprint': examples_fingerprint,
+               **extras.get('data', {})},
+      'training': {'seconds': history.get('train_seconds'),
+                   'warm_start': history.get('warm_start'),
+                   # per stage: seconds, train size, roll-back, validation top-1 by epoch
+                   'stages': {k: ({m: v for m, v in s.items()
+                                   if m in ('seconds', 'rolled_back', 'image_size',
+                                            'val_class_top1')}
+                                  if isinstance(s, dict) else s)
+                              for k, s in history.get('stages', {}).items()}},
+      'config': extras.get('config', training.get('config')),
+      'code_version': extras.get('code_version'),
+      'command': extras.get('command'),
+      'timestamps': {'run_started': extras.get('run_started'),
+                     'trained': training.get('exported_at'), 'pushed': now.isoformat()},
+      'wall_seconds': _since(extras.get('run_started'), now),
+      'model_artifact': model_uri,
+      'license': extras.get('license'),
+  }
+
+
 class Executor(base_executor.BaseExecutor):
 
   def Do(self, input_dict: Dict[str, List[types.Artifact]],
@@ -102,61 +167,11 @@ class Executor(base_executor.BaseExecutor):
     examples = input_dict.get('examples')
     dead = input_dict.get('dead_letters')
     ingest = json.loads(dead[0].get_string_custom_property('summary') or '{}') if dead else {}
-    inside = training['history'].get('serving') or {}  # views, layers kept float (export.py)
-    card = {
-        'name': extras.get('name', 'carvision'),
-        'version': version,
-        'task': 'car make|model|submodel from one photo',
-        'contract': {'input': 'the whole RGB photo, bilinear-resized to the input tensor H x W, '
-                              'uint8 0-255, nothing else',
-                     'output': 'probabilities in labels.txt order',
-                     # averaged inside the model over these views of the photo (model.serving_views)
-                     'test_time_views': inside.get('views', ['full']),
-                     'labels': len(serving.read_labels(os.path.join(tdir, names.LABELS)))},
-        'files': files,
-        'metrics': {judged['split']: {
-            'int8_tflite': {k: judged['metrics'][k] for k in
-                            ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
-                             'per_ad', 'unknown_classes', 'ece') if k in judged['metrics']},
-            'float_savedmodel': judged['metrics'].get('float'),
-            'int8_tflite_fast': fast or None},
-            'validation': {'float_keras': training['history'].get('validation')},
-            'train': {'float_keras_last_epoch': {
-                k: v[-1] for stage in training['history'].get('stages', {}).values()
-                if isinstance(stage, dict) for k, v in stage.items()
-                if isinstance(v, list) and k.startswith('class_')}}},
-        # Which split did what: ads hashed by ad_id, no ad in two splits.
-        'splits': {'by': 'sha256(ad_id) buckets', 'roles': SPLIT_ROLES,
-                   'judged_on': judged['split'],
-                   'trainer_inputs': training['history'].get('inputs')},
-        # temperature per head fitted on validation (baked into the weights); ECE on test above
-        'calibration': training['history'].get('calibration'),
-        # the class / make / not-sure thresholds (serve.json) and where they were chosen
-        'decision': training['history'].get('serve'),
-        'quantisation': {'int8_float_layers': inside.get('int8_float_layers'),
-                         'always_float': inside.get('int8_float_ops')},
-        'checks': judged['checks'],
-        'thresholds': judged['gate'],
-        'data': {'ingestion': ingest,
-                 'examples_fingerprint': examples_fingerprint(examples[0].uri) if examples else None,
-                 **extras.get('data', {})},
-        'training': {'seconds': training['history'].get('train_seconds'),
-                     'warm_start': training['history'].get('warm_start'),
-                     # per stage: seconds, train size, roll-back, validation top-1 by epoch
-                     'stages': {k: ({m: v for m, v in s.items()
-                                     if m in ('seconds', 'rolled_back', 'image_size',
-                                              'val_class_top1')}
-                                    if isinstance(s, dict) else s)
-                                for k, s in training['history'].get('stages', {}).items()}},
-        'config': extras.get('config', training.get('config')),
-        'code_version': extras.get('code_version'),
-        'command': extras.get('command'),
-        'timestamps': {'run_started': extras.get('run_started'),
-                       'trained': training.get('exported_at'), 'pushed': now.isoformat()},
-        'wall_seconds': _since(extras.get('run_started'), now),
-        'model_artifact': model.uri,
-        'license': extras.get('license'),
-    }
+    card = model_card(
+        training=training, judged=judged, extras=extras, files=files, ingest=ingest,
+        version=version, n_labels=len(serving.read_labels(os.path.join(tdir, names.LABELS))),
+        examples_fingerprint=examples_fingerprint(examples[0].uri) if examples else None,
+        model_uri=model.uri, now=now)
     with tf.io.gfile.GFile(os.path.join(partial, CARD), 'w') as f:
       json.dump(card, f, indent=1, sort_keys=False)
     tf.io.gfile.rename(partial, final, overwrite=False)

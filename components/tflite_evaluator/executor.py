@@ -19,8 +19,10 @@ from tfx import types
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
-from components import serving
 from components import names
+from components import report
+from components import scoring
+from components import serving
 
 BLESSED_FILE, NOT_BLESSED_FILE = 'BLESSED', 'NOT_BLESSED'
 METRICS_FILE = 'metrics.json'
@@ -66,7 +68,7 @@ def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
   floor -> checks and verdict. `answers`: the model's decision thresholds (serve.json)."""
   truth = [r['class'] for r in records]
   probs = np.array([r['int8'] for r in records], np.float32).reshape(len(records), len(labels))
-  m = serving.score(probs, labels, truth, groups=[r['ad_id'] for r in records], answers=answers)
+  m = scoring.score(probs, labels, truth, groups=[r['ad_id'] for r in records], answers=answers)
   index = {l: i for i, l in enumerate(labels)}
   float_top1 = float(np.mean([r['float_top5'][0] == index.get(r['class'], -1) for r in records]))
   float_top5 = float(np.mean([index.get(r['class'], -1) in r['float_top5'] for r in records]))
@@ -75,21 +77,21 @@ def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
     # The single-view file: its own figures on the same photos and the same floors; the
     # Pusher ships it only when it passes them (it does not decide the main verdict).
     fp = np.array([r['fast'] for r in records], np.float32).reshape(len(records), len(labels))
-    fm = serving.score(fp, labels, truth, groups=[r['ad_id'] for r in records])
-    fast_checks = serving.verdicts(fm, {'top1_accuracy': gate['top1_min'],
+    fm = scoring.score(fp, labels, truth, groups=[r['ad_id'] for r in records])
+    fast_checks = scoring.verdicts(fm, {'top1_accuracy': gate['top1_min'],
                                         'top5_accuracy': gate['top5_min']})
     m['fast'] = {**{k: fm[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
                                        'make_accuracy', 'ece', 'per_ad')},
                  'top1_vs_multi_view': fm['top1_accuracy'] - m['top1_accuracy'],
                  'checks': fast_checks,
                  'passes_floors': all(c['pass'] for c in fast_checks.values())}
-  checks = serving.verdicts(m, {'top1_accuracy': gate['top1_min'],
+  checks = scoring.verdicts(m, {'top1_accuracy': gate['top1_min'],
                                 'top5_accuracy': gate['top5_min']})
   drop = float_top1 - m['top1_accuracy']
   checks['int8_vs_float_top1_drop'] = {
       'value': drop, 'threshold': gate['max_int8_drop'], 'pass': drop <= gate['max_int8_drop'] + 1e-9,
       'detail': f"float {float_top1:.4f} vs int8 {m['top1_accuracy']:.4f}"}
-  per_make = serving.make_check(m, gate.get('min_make_top1'), int(gate.get('min_make_photos') or 20))
+  per_make = scoring.make_check(m, gate.get('min_make_top1'), int(gate.get('min_make_photos') or 20))
   if per_make is not None:
     checks['min_make_top1'] = per_make
   if has_baseline:
@@ -135,12 +137,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
       records = json.load(f)
     tf.io.gfile.remove(os.path.join(out_uri, '_records.json'))
     labels = serving.read_labels(os.path.join(candidate, names.TFLITE_DIR, names.LABELS))
-    answers = serving.thresholds(None, serving.read_serve(os.path.join(candidate, names.TFLITE_DIR)))
+    answers = scoring.thresholds(None, serving.read_serve(os.path.join(candidate, names.TFLITE_DIR)))
     result = judge(records, labels, gate, baseline is not None, answers)
     result.update(split=split, model=candidate, baseline=baseline, gate=gate)
     with tf.io.gfile.GFile(os.path.join(out_uri, METRICS_FILE), 'w') as f:
       json.dump(result, f, indent=1)
-    serving.write_report(out_uri, f'int8 TFLite on the {split} split', result['metrics'],
+    report.write_report(out_uri, f'int8 TFLite on the {split} split', result['metrics'],
                          result['checks'])
     evaluation.set_string_custom_property('metrics', json.dumps(
         {k: result['metrics'][k] for k in ('top1_accuracy', 'top5_accuracy', 'make_accuracy')}))

@@ -389,6 +389,7 @@ def run_fn(fn_args):
 def _train(fn_args, cfg, replicas: int = 1):
   t0 = time.time()
   mc = cfg['model']
+  keras.utils.set_random_seed(int(mc.get('seed', 7)))
   from components.trainer import distribute  # pylint: disable=g-import-not-at-top
   size = int(mc['image_size'])
   # batch_size is per replica; learning rates scale with the replicas (distribute.scaled)
