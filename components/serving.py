@@ -116,3 +116,10 @@ def read_serve(model_dir: str) -> Optional[Dict]:
       with tf.io.gfile.GFile(cand) as f:
         return json.load(f)
   return None
+
+
+def serve_of(model_path: str) -> Optional[Dict]:
+  """serve.json of the model at `model_path` (a .tflite, a pushed version, a Trainer model
+  or its saved_model/), or None."""
+  where = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+  return read_serve(where) or read_serve(os.path.dirname(where.rstrip('/')))

@@ -138,19 +138,12 @@ def cmd_export(args) -> int:
       # largest vehicle detection's pixel bbox and confidence; the same rows ingestion uses.
       w.writerow(['ad_id', 'position', 'p_hash', 'make', 'model', 'submodel',
                   'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'confidence'])
-      seen = set()
-      plan = postgres.plan_reads(dsn, 1, secret)
-      for lo, hi in plan['ranges']:
-        for row in postgres.read_range(dsn, lo, hi, cfg.ingest.vehicle_classes,
-                                       cfg.ingest.min_confidence, plan['max_id'],
-                                       password_secret=secret):
-          if row.reason or (row.ad_id, row.p_hash) in seen:
-            continue
-          seen.add((row.ad_id, row.p_hash))
-          box = list(row.bbox) if row.bbox else ['', '', '', '']
-          w.writerow([row.ad_id, row.position, row.p_hash, row.make, row.model, row.submodel,
-                      *box, '' if row.confidence is None else row.confidence])
-          n += 1
+      for row in postgres.usable_photos(dsn, cfg.ingest.vehicle_classes,
+                                        cfg.ingest.min_confidence, secret):
+        box = list(row.bbox) if row.bbox else ['', '', '', '']
+        w.writerow([row.ad_id, row.position, row.p_hash, row.make, row.model, row.submodel,
+                    *box, '' if row.confidence is None else row.confidence])
+        n += 1
       print(f'wrote {n} photos to {args.out}')
       return EXIT_OK
     w.writerow(['ad_id', 'make', 'model', 'submodel', 'hashish'])
@@ -188,8 +181,7 @@ def cmd_predict(args) -> int:
   max_pixels = cfg.ingest.max_pixels
   model = serving.load(args.model, args.kind)
   # class / make / not sure: --flags, else numbers in serve.*, else the model's serve.json
-  where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
-  saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
+  saved = serving.serve_of(args.model)
   limits = scoring.thresholds(cfg.serve, saved)
   for key in ('class_min_confidence', 'make_min_confidence'):
     if getattr(args, key) is not None:
@@ -318,8 +310,7 @@ def cmd_evaluate(args) -> int:
   probs = np.concatenate(probs) if probs else np.zeros((0, len(model.labels)))
   truth = [r['class'] if 'class' in r else records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
            for r, _ in usable]
-  where = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
-  saved = serving.read_serve(where) or serving.read_serve(os.path.dirname(where.rstrip('/')))
+  saved = serving.serve_of(args.model)
   metrics = scoring.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable],
                           answers=scoring.thresholds(cfg.serve, saved))
   metrics['skipped'] = skipped

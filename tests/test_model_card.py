@@ -20,7 +20,7 @@ def _inputs(**over):
   judged = {'split': 'test', 'gate': {'top1_min': 0.8},
             'checks': {'top1_accuracy': {'value': 0.81, 'threshold': 0.8, 'pass': True}},
             'metrics': {'examples': 40, 'top1_accuracy': 0.81, 'top5_accuracy': 0.97,
-                        'make_accuracy': 0.9, 'ece': 0.02, 'answers': {'big': 'not on the card'},
+                        'make_accuracy': 0.9, 'ece': 0.02, 'answers': {'big': 'risk-coverage on the test split'},
                         'float': {'top1_accuracy': 0.8}}}
   args = dict(training=training, judged=judged,
               extras={'name': 'n', 'run_started': '2026-11-30T10:00:00+00:00', 'license': 'L',
@@ -36,7 +36,8 @@ def test_card_names_splits_figures_and_how_it_was_trained():
   card = model_card(**_inputs())
   test = card['metrics']['test']
   assert test['int8_tflite'] == {'examples': 40, 'top1_accuracy': 0.81, 'top5_accuracy': 0.97,
-                                 'make_accuracy': 0.9, 'ece': 0.02}
+                                 'make_accuracy': 0.9, 'ece': 0.02,
+                                 'answers': {'big': 'risk-coverage on the test split'}}
   assert test['float_savedmodel'] == {'top1_accuracy': 0.8} and test['int8_tflite_fast'] is None
   assert card['metrics']['validation']['float_keras'] == {'class_top1': 0.7}
   assert card['metrics']['train']['float_keras_last_epoch'] == {'class_top1': 0.5}

@@ -323,7 +323,8 @@ def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny
 def test_warm_start_resumes_from_the_latest_blessed_model(first_run, tiny_dsn):
   """The same near-useless training (1 epoch at a tiny rate) that the regression test blocks,
   started from the latest model the int8 gate blessed (the resolver feeds the Trainer's
-  base_model): it keeps that model's accuracy."""
+  base_model): it keeps that model's accuracy. With memory budgets below the fixture's size
+  (activations on disk, photos decoded every epoch), as a 100x larger data set would run."""
   import json
   _, cfg0, first, _ = first_run
   prev = sorted(glob.glob(os.path.join(cfg0.path(cfg0.pipeline.root), 'Trainer', 'model', '*')),
@@ -332,6 +333,7 @@ def test_warm_start_resumes_from_the_latest_blessed_model(first_run, tiny_dsn):
   cfg, s = _rerun(first_run, tiny_dsn, 'push_warm',
                   **{**EASY, 'model.stages': worse, 'model.warm_start_stages': worse,
                      'model.feature_views': 1, 'model.warm_start': 'latest_blessed',
+                     'model.activation_cache_mb': 0, 'model.photo_cache_mb': 0,
                      'evaluate.tfma': False})
   top1 = s['int8_gate']['top1_accuracy']['value']
   assert top1 >= first['int8_gate']['top1_accuracy']['value'] - 0.05, (top1, first['int8_gate'])
@@ -340,3 +342,5 @@ def test_warm_start_resumes_from_the_latest_blessed_model(first_run, tiny_dsn):
   assert started['source'].startswith(prev)
   assert started['class']['kept'] == 10 and not started['class']['new']
   assert card['config']['model']['warm_start'] == 'latest_blessed'
+  stages = card['training']['stages']
+  assert stages['activations_on_disk'] is True and stages['decoded_photos_in_memory'] is False

@@ -148,6 +148,22 @@ ORDER BY a.id
 """
 
 
+def usable_photos(dsn: str, vehicle_classes, min_confidence: float,
+                  password_secret: Optional[str] = None):
+  """The rows ingestion turns into examples, once each: a vehicle photo of an ad with
+  catalogue labels, its largest vehicle detection (bbox, confidence); a p_hash that the
+  original query repeats (two car detections) comes once."""
+  seen = set()
+  plan = plan_reads(dsn, 1, password_secret)
+  for lo, hi in plan['ranges']:
+    for row in read_range(dsn, lo, hi, vehicle_classes, min_confidence, plan['max_id'],
+                          password_secret=password_secret):
+      if row.reason or (row.ad_id, row.p_hash) in seen:
+        continue
+      seen.add((row.ad_id, row.p_hash))
+      yield row
+
+
 def export_rows(dsn: str, classes: Sequence[str], min_confidence: float):
   with connect(dsn) as conn, conn.cursor(name='carvision_export') as cur:
     cur.execute(EXPORT_SQL, {'classes': list(classes), 'min_conf': float(min_confidence)})

@@ -74,7 +74,8 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'metrics': {judged['split']: {
           'int8_tflite': {k: judged['metrics'][k] for k in
                           ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
-                           'per_ad', 'unknown_classes', 'ece') if k in judged['metrics']},
+                           'per_ad', 'unknown_classes', 'ece', 'answers', 'worst_makes')
+                          if k in judged['metrics']},
           'float_savedmodel': judged['metrics'].get('float'),
           'int8_tflite_fast': fast or None},
           'validation': {'float_keras': history.get('validation')},

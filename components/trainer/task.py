@@ -556,6 +556,7 @@ def _train(fn_args, cfg, replicas: int = 1):
                    name, stage_best, best)
     best = max(best, stage_best)
     logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
+  history['decoded_photos_in_memory'] = keep_photos
   if cache is not None:
     history['cache_seconds'] = cache['seconds']
     history['activations_on_disk'] = bool(cache['store'].spilled)
