@@ -22,6 +22,7 @@ def test_temperature_fixes_an_overconfident_model():
   fit = calibration.temperature_for(probs, labels)
   assert before > 0.15 and 2.5 < fit['temperature'] < 3.5
   assert fit['ece_after'] < 0.03 < before == fit['ece_before']
+  assert fit['nll_after'] < fit['nll_before']
   # held-out photos from the same model: the temperature carries over
   logits2, labels2 = _overconfident(seed=1)
   assert calibration.ece(calibration.softmax(logits2 / fit['temperature']), labels2) < 0.03

@@ -181,7 +181,9 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
   # calibrated on validation (temperature baked into both heads), ECE reported on test
   cal = card['calibration']
   assert cal['split'] == 'validation' and cal['class']['temperature'] > 0 and cal['make']['temperature'] > 0
-  assert cal['class']['ece_after'] <= cal['class']['ece_before'] + 1e-9
+  # the temperature minimises the validation NLL (the ECE of 18 photos may move either way)
+  assert cal['class']['nll_after'] <= cal['class']['nll_before'] + 1e-6
+  assert cal['make']['nll_after'] <= cal['make']['nll_before'] + 1e-6
   assert 0 <= ev['ece'] <= 1
   assert card['thresholds']['top1_min'] == 0.0 and card['config']['model']['backbone']
   assert card['data']['ingestion']['rows'] == s['rows'] and len(card['data']['examples_fingerprint']) == 64
