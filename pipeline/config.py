@@ -176,6 +176,23 @@ class ModelConfig:
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 
+  @pydantic.model_validator(mode='after')
+  def _end_to_end_only(self):
+    """image_size / augment change how photos reach the whole network: refused (not ignored)
+    on stages that train on cached activations, and other sizes need an any-size backbone."""
+    for key in ('stages', 'warm_start_stages'):
+      for i, st in enumerate(getattr(self, key)):
+        cached = st.trainable == 'none' or (st.trainable == 'top_blocks' and st.cached)
+        where = f'model.{key}[{i}] ({st.name})'
+        if cached and (st.image_size is not None or st.augment != 'standard'):
+          raise ValueError(f'{where}: image_size/augment apply to end-to-end stages only '
+                           '(trainable top_blocks without cached, or all)')
+        if (st.image_size not in (None, self.image_size)
+            and self.backbone not in efficientnet_lite.VARIANTS):
+          raise ValueError(f'{where}: image_size {st.image_size} differs from model.image_size '
+                           f'{self.image_size}; only EfficientNet-Lite backbones take any size')
+    return self
+
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
 class EvaluateConfig:

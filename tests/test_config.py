@@ -20,6 +20,15 @@ from pipeline import config
     ({'ingest.image_url_template': 'http://host/photos/'}, 'must contain {p_hash}'),
     ({'ingest.p_hash_pattern': '(['}, 'not a regular expression'),
     ({'model.serving_views': ['mirror']}, "unknown view 'mirror'"),
+    ({'model.stages': [{'name': 'h', 'trainable': 'none', 'image_size': 224}]},
+     'model.stages[0] (h): image_size/augment apply to end-to-end stages only'),
+    ({'model.warm_start_stages': [{'name': 'c', 'trainable': 'top_blocks', 'cached': True,
+                                   'augment': 'light'}]},
+     'model.warm_start_stages[0] (c): image_size/augment apply to end-to-end stages only'),
+    ({'model.backbone': 'efficientnet_b0',
+      'model.stages': [{'name': 'b', 'trainable': 'all', 'image_size': 200}]},
+     'only EfficientNet-Lite backbones take any size'),
+    ({'model.distribute': 'horovod'}, "model.distribute='horovod': one of auto"),
 ])
 def test_bad_values_are_named_before_any_work(override, message):
   with pytest.raises(config.ConfigError) as e:

@@ -542,9 +542,9 @@ def _train(fn_args, cfg, replicas: int = 1):
                    light=stage.get('augment') == 'light')
       h = full.fit(train, steps_per_epoch=per_epoch, epochs=epochs, validation_data=validation,
                    callbacks=[stop(stage), tb], verbose=2)
-      history[name] = {'image_size': at}
-    history[name] = {**history.get(name, {}),
-                     **{k: [float(v) for v in vals] for k, vals in h.history.items()}}
+    history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    if not cached_stage:
+      history[name]['image_size'] = at
     history[name]['seconds'] = time.time() - ts
     stage_best = max(h.history.get('val_class_top1', [0.0]))
     if stage_best < best:
