@@ -14,6 +14,7 @@ demo: env
 test: env
 	tests/host/test_env_sh.sh
 	tests/host/test_mediapipe.sh
+	tests/host/test_client_install.sh
 	$(ENV) run 'python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(TESTS)'
 
 lock: env

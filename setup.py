@@ -13,6 +13,14 @@ def requirements():
             if line.split('#')[0].strip() and not line.startswith('pytest')]
 
 
+# `pip install carvision`: what `carvision predict` and `evaluate` need for a TFLite model
+# (LiteRT, Pillow, NumPy; no TensorFlow), on the Pythons a phone team uses. The pipeline
+# (TFX, Beam, TensorFlow: `pip install carvision[pipeline]`) is pinned in requirements.lock;
+# tests/host/test_client_install.sh installs this set with the lock as constraints.
+CLIENT = ['numpy>=1.24', 'pillow>=10.0', 'ai-edge-litert>=1.2', 'pydantic>=2.5',
+          'pyyaml>=6.0', 'tqdm>=4.60']
+
+
 setup(
     name='carvision',
     version='0.1.0',
@@ -21,7 +29,8 @@ setup(
     package_data={'': ['*.yaml', '*.pbtxt']},
     data_files=[('carvision/configs', [os.path.join('configs', f) for f in os.listdir(os.path.join(here, 'configs'))]),
                 ('carvision/schemas', ['schemas/schema.pbtxt'])],
-    python_requires='>=3.10,<3.14',
-    install_requires=requirements(),
+    python_requires='>=3.10',
+    install_requires=CLIENT,
+    extras_require={'pipeline': requirements(), 'report': ['matplotlib>=3.7']},
     entry_points={'console_scripts': ['carvision = pipeline.cli:entry']},
 )

@@ -34,7 +34,7 @@ def main():
     base = el.pretrained(variant, (size, size, 3))
     ds = (tf.data.TFRecordDataset(files, compression_type='GZIP').take(512)
           .map(lambda s: tf.io.parse_single_example(s, spec)['image/encoded'])
-          .map(lambda j, size=size: task.decode(j, size), num_parallel_calls=4).batch(64).prefetch(2))
+          .map(lambda j, size=size: images.decode_tf(j, size), num_parallel_calls=4).batch(64).prefetch(2))
     f = tf.function(lambda x, base=base: base(el.normalise(x), training=False))
     for x in ds.take(1):
       f(x)

@@ -31,10 +31,11 @@ def _answers(model, rows, data_dir, max_pixels):
     label = records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
     if r.get('is_car', 'true') != 'true' or label not in index:
       continue
-    data, error = cli.read_photo(os.path.join(data_dir, 'images', r['p_hash'] + '.jpg'), max_pixels)
+    pixels, error = cli.load_photo(os.path.join(data_dir, 'images', r['p_hash'] + '.jpg'),
+                                   model.size, max_pixels)
     if error:
       continue
-    probs.append(model.predict_jpegs([data])[0])
+    probs.append(model.predict_pixels(pixels[None])[0])
     truth.append(index[label])
   return np.stack(probs), np.array(truth)
 

@@ -6,6 +6,7 @@ import os
 from typing import Dict, List
 
 from components import decision
+from components import files as fileio
 from components.names import REPORT_HTML, REPORT_PNG, RISK_COVERAGE_PNG
 
 
@@ -15,8 +16,7 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.io.gfile.makedirs(out_dir)
+  fileio.makedirs(out_dir)
   makes = metrics.get('per_make', {})
   names = sorted(makes, key=lambda m: makes[m]['top1_accuracy'])
   fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(names) + 1)))
@@ -30,7 +30,7 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
   ax.tick_params(axis='y', labelsize=7)
   fig.tight_layout()
   png = os.path.join(out_dir, REPORT_PNG)
-  with tf.io.gfile.GFile(png, 'wb') as f:
+  with fileio.open_write(png, 'wb') as f:
     fig.savefig(f, format='png', dpi=90)
   plt.close(fig)
   files = [png]
@@ -53,7 +53,7 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
     ax.legend(fontsize=8)
     fig.tight_layout()
     rc_png = os.path.join(out_dir, RISK_COVERAGE_PNG)
-    with tf.io.gfile.GFile(rc_png, 'wb') as f:
+    with fileio.open_write(rc_png, 'wb') as f:
       fig.savefig(f, format='png', dpi=90)
     plt.close(fig)
     files.append(rc_png)
@@ -104,6 +104,6 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
          f"<h2>All figures</h2><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>"
          f"</body></html>")
   page = os.path.join(out_dir, REPORT_HTML)
-  with tf.io.gfile.GFile(page, 'w') as f:
+  with fileio.open_write(page, 'w') as f:
     f.write(doc)
   return [page] + files

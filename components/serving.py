@@ -2,45 +2,66 @@
 the report: components/report.py).
 
 Shared by the TFLite gate (components/tflite_evaluator), the Pusher and
-`carvision predict` / `carvision evaluate`. The contract: the whole RGB photo,
-bilinear-resized to the model's H x W, uint8 0..255; output = probabilities in
-labels.txt order. Decoding/resizing uses the exact function the Trainer used.
+`carvision predict` / `carvision evaluate`. The contract (components/images.py): the whole
+RGB photo, upright, bilinear-resized to the model's H x W, uint8 0..255; output =
+probabilities in labels.txt order. A TFLite model on local files needs LiteRT, Pillow and
+NumPy only: TensorFlow is imported for the SavedModel and for remote paths (gs://).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from components import files
+from components import images
 from components.names import PUSHED_SAVED_MODEL
 from components.names import INT8, LABELS, SERVE, TFLITE_DIR
 
 
+@contextlib.contextmanager
+def _runtime_info_silenced():
+  """LiteRT's C++ runtime prints 'INFO: Created TensorFlow Lite XNNPACK delegate' on the
+  process's stderr (no setting turns it off): drop its INFO lines, pass anything else on."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      for line in tmp.read().decode(errors='replace').splitlines():
+        if line.strip() and not line.startswith('INFO: '):
+          print(line, file=sys.stderr)
+
+
 def read_labels(path: str) -> List[str]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with tf.io.gfile.GFile(path) as f:
-    return [line.rstrip('\n') for line in f if line.strip()]
+  return [line.rstrip('\r') for line in files.read(path).split('\n') if line.strip()]
 
 
-def pixels(jpeg: bytes, size: int) -> np.ndarray:
-  """uint8 [size, size, 3] exactly as in training and serving (components/trainer/task.decode)."""
-  from components.trainer import task  # pylint: disable=g-import-not-at-top
-  return task.decode(jpeg, size).numpy()
+def pixels(photo: bytes, size: int, max_pixels: int = 40_000_000) -> np.ndarray:
+  """uint8 [size, size, 3]: the contract's pixels of a photo file (components/images.py)."""
+  return images.contract_pixels(photo, size, max_pixels)
 
 
 class TFLiteModel:
   """An int8 (or fp16) TFLite classifier with its labels; one interpreter, batch of 1."""
 
   def __init__(self, path: str, labels: Optional[List[str]] = None, threads: Optional[int] = None):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      self.content = f.read()
+    self.content = files.read(path, 'rb')
     self.path = path
-    self.interp = Interpreter(model_content=self.content, num_threads=threads)
-    self.interp.allocate_tensors()
+    with _runtime_info_silenced():
+      self.interp = Interpreter(model_content=self.content, num_threads=threads)
+      self.interp.allocate_tensors()
     self.inp = self.interp.get_input_details()[0]
     outs = self.interp.get_output_details()
     self.size = int(self.inp['shape'][1])
@@ -66,6 +87,7 @@ class TFLiteModel:
     return np.stack(out)
 
   def predict_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
+    """Photo files' bytes (JPEG, PNG, WebP) -> probabilities."""
     return self.predict_pixels(np.stack([pixels(j, self.size) for j in jpegs]))
 
 
@@ -75,17 +97,28 @@ class SavedModel:
   def __init__(self, path: str):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.path = path
-    self.fn = tf.saved_model.load(path).signatures['serving_default']
+    loaded = tf.saved_model.load(path)
+    self.fn = loaded.signatures['serving_default']
+    self.pixels_fn = loaded.signatures.get('serve_pixels')
+    self.size = int(self.pixels_fn.structured_input_signature[1]['pixels'].shape[1]) if (
+        self.pixels_fn is not None) else None
     for cand in (os.path.join(path, TFLITE_DIR, LABELS), os.path.join(path, '..', LABELS)):
-      if tf.io.gfile.exists(cand):
+      if files.exists(cand):
         self.labels = read_labels(cand)
         break
     else:
       raise FileNotFoundError(f'no labels.txt for the SavedModel at {path}')
 
   def predict_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
+    """JPEG bytes through `serving_default` (decoding inside the graph)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return self.fn(images=tf.constant(list(jpegs)))['probabilities'].numpy()
+
+  def predict_pixels(self, batch: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] (any photo format, decoded by components/images) -> probabilities."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return np.concatenate([self.pixels_fn(pixels=tf.constant(p[None]))['probabilities'].numpy()
+                           for p in batch]) if len(batch) else np.zeros((0, len(self.labels)))
 
 
 def load(path: str, kind: str = 'auto'):
@@ -94,27 +127,24 @@ def load(path: str, kind: str = 'auto'):
   kind 'auto'/'tflite': the int8 TFLite (what ships) found at <path>/model.tflite or
   <path>/tflite/model.tflite; 'savedmodel': the float SavedModel (<path> or <path>/saved_model).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if path.endswith('.tflite'):
     return TFLiteModel(path)
   if kind in ('auto', 'tflite'):
     for cand in (os.path.join(path, INT8), os.path.join(path, TFLITE_DIR, INT8)):
-      if tf.io.gfile.exists(cand):
+      if files.exists(cand):
         return TFLiteModel(cand)
   if kind in ('auto', 'savedmodel'):
     for cand in (path, os.path.join(path, PUSHED_SAVED_MODEL)):
-      if tf.io.gfile.exists(os.path.join(cand, 'saved_model.pb')):
+      if files.exists(os.path.join(cand, 'saved_model.pb')):
         return SavedModel(cand)
   raise FileNotFoundError(f'no {kind} model at {path}')
 
 
 def read_serve(model_dir: str) -> Optional[Dict]:
   """The decision thresholds saved with a model (serve.json), or None for older models."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for cand in (os.path.join(model_dir, SERVE), os.path.join(model_dir, TFLITE_DIR, SERVE)):
-    if tf.io.gfile.exists(cand):
-      with tf.io.gfile.GFile(cand) as f:
-        return json.load(f)
+    if files.exists(cand):
+      return json.loads(files.read(cand))
   return None
 
 

@@ -154,19 +154,20 @@ def cmd_export(args) -> int:
   return EXIT_OK
 
 
-def read_photo(path: str, max_pixels: int):
-  """(bytes, None) or (None, 'reason: detail') for one photo file, without decoding it twice:
-  unreadable files, non-JPEG content, truncated data and decompression bombs are refused."""
-  from components.example_gen import records  # pylint: disable=g-import-not-at-top
+def load_photo(path: str, size: int, max_pixels: int):
+  """(uint8 pixels of the model contract, None) or (None, 'reason: detail') for one photo
+  file (JPEG, PNG or WebP, upright by EXIF; components/images.py), decoded once: unreadable
+  files, other formats, truncated data and decompression bombs are refused."""
+  from components import images  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
     return None, f'unreadable: {e.strerror or e}'
-  reason, detail, _, _ = records.validate_image(data, max_pixels)
-  if reason:
-    return None, f'{reason}: {detail} (the model takes JPEG photos)'
-  return data, None
+  try:
+    return images.contract_pixels(data, size, max_pixels), None
+  except images.PhotoError as e:
+    return None, str(e)
 
 
 def cmd_predict(args) -> int:
@@ -192,13 +193,14 @@ def cmd_predict(args) -> int:
           'the model\'s serve.json): top-k only', file=sys.stderr)
   good, errors = [], []
   for path in args.images:
-    data, error = read_photo(path, max_pixels)
+    pixels, error = load_photo(path, model.size, max_pixels)
     if error:
       errors.append({'input': path, 'error': error})
       print(f'error: {path}: {error}', file=sys.stderr)
     else:
-      good.append((path, data))
-  probs = model.predict_jpegs([d for _, d in good]) if good else np.zeros((0, len(model.labels)))
+      good.append((path, pixels))
+  probs = (model.predict_pixels(np.stack([x for _, x in good])) if good
+           else np.zeros((0, len(model.labels))))
   if args.ad:
     items = [('ad', probs.mean(axis=0))] if good else []
   else:
@@ -274,39 +276,44 @@ def cmd_evaluate(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from components import report, scoring, serving  # pylint: disable=g-import-not-at-top
+  from components import images  # pylint: disable=g-import-not-at-top
   from components.example_gen import records  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   rows = read_labels_csv(args.data)  # checked before the model loads or any photo is scored
   model = serving.load(args.model, args.kind)
-  usable, skipped = [], {}
-  for r in rows:
-    path = os.path.join(args.data, 'images', r['p_hash'] + '.jpg')
-    reason = None
-    if r.get('is_car', 'true') != 'true':
-      reason = 'non_car'
-    elif not os.path.exists(path):
-      reason = 'missing_file'
-    else:
-      with open(path, 'rb') as f:
-        data = f.read()
-      reason = records.validate_image(data, cfg.ingest.max_pixels)[0]
-    if reason:
-      skipped[reason] = skipped.get(reason, 0) + 1
-    else:
-      usable.append((r, path))
+  # The pipeline's split of this data set (hash of ad_id, ratios from --config).
   if args.split != 'all':
-    # The pipeline's split of this data set (hash of ad_id, ratios from --config).
-    splits = cfg.ingest.splits
-    usable = [(r, p) for r, p in usable if records.split_for(int(r['ad_id']), splits) == args.split]
-  if args.limit:
-    usable = usable[:args.limit]
-  probs = []
-  for i in tqdm(range(0, len(usable), 16), desc='evaluate', unit='batch', disable=args.json):
-    batch = []
-    for r, path in usable[i:i + 16]:
-      with open(path, 'rb') as f:
-        batch.append(f.read())
-    probs.append(model.predict_jpegs(batch))
+    rows = [r for r in rows if records.split_for(int(r['ad_id']), cfg.ingest.splits) == args.split]
+  usable, skipped, probs = [], {}, []
+
+  def count(reason):
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+  # Each photo decoded once (components/images.py), scored in batches of 16.
+  batch = []
+  for r in tqdm(rows, desc='evaluate', unit='photo', disable=args.json):
+    if args.limit and len(usable) >= args.limit:
+      break
+    path = os.path.join(args.data, 'images', r['p_hash'] + '.jpg')
+    if r.get('is_car', 'true') != 'true':
+      count('non_car')
+      continue
+    if not os.path.exists(path):
+      count('missing_file')
+      continue
+    with open(path, 'rb') as f:
+      data = f.read()
+    try:
+      batch.append(images.contract_pixels(data, model.size, cfg.ingest.max_pixels))
+    except images.PhotoError as e:
+      count(e.reason)
+      continue
+    usable.append((r, path))
+    if len(batch) == 16:
+      probs.append(model.predict_pixels(np.stack(batch)))
+      batch = []
+  if batch:
+    probs.append(model.predict_pixels(np.stack(batch)))
   probs = np.concatenate(probs) if probs else np.zeros((0, len(model.labels)))
   truth = [r['class'] if 'class' in r else records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
            for r, _ in usable]

@@ -118,15 +118,15 @@ def test_tf_checkpoint_missing_variable_is_a_clear_error(tmp_path):
 
 def test_bbox_crop_keeps_the_car():
   import tensorflow as tf
-  from components.trainer import task
+  from components import images
   img = np.zeros((100, 200, 3), np.uint8)
   img[20:60, 50:150] = 255  # the "car"
   jpeg = tf.io.encode_jpeg(img, quality=100)
   box = tf.constant([0.2, 0.25, 0.6, 0.75])
-  crop = task.crop_to_box(tf.io.decode_jpeg(jpeg), box, margin=0.0).numpy()
+  crop = images.crop_to_box_tf(images.decode_full_tf(jpeg), box, margin=0.0).numpy()
   assert crop.shape[:2] == (40, 100) and crop.mean() > 240
-  always = task.augment(jpeg, 32, box=box, crop_prob=1.0).numpy()
-  never = task.augment(jpeg, 32, box=box, crop_prob=0.0).numpy()
+  always = images.augment_tf(images.decode_full_tf(jpeg), 32, box=box, crop_prob=1.0).numpy()
+  never = images.augment_tf(images.decode_full_tf(jpeg), 32, box=box, crop_prob=0.0).numpy()
   assert always.shape == never.shape == (32, 32, 3)
   assert always.mean() > never.mean()  # cropped views are mostly car
 

@@ -137,24 +137,54 @@ def test_evaluate_exit_code_follows_the_gate():
 
 
 def test_predict_answers_the_good_photos_and_names_each_bad_one(tmp_path):
+  """Formats a phone sends (JPEG, PNG, WebP, rotated by EXIF) are answered alike; the rest
+  are one error line each, and the good photos are still answered."""
   from PIL import Image
   good = os.path.join(TINY, 'images', sorted(os.listdir(os.path.join(TINY, 'images')))[0])
-  png = tmp_path / 'photo.png'
-  Image.new('RGB', (40, 30), (9, 9, 9)).save(png)
+  photo = Image.open(good)
+  png, webp, gif = tmp_path / 'photo.png', tmp_path / 'photo.webp', tmp_path / 'photo.gif'
+  photo.save(png)
+  photo.save(webp, lossless=True)
+  photo.save(gif)
+  rotated = tmp_path / 'rotated.jpg'  # stored sideways, EXIF says: turn 90 degrees back
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  photo.transpose(Image.Transpose.ROTATE_90).save(rotated, quality=100, exif=exif)
   truncated = tmp_path / 'cut.jpg'
   truncated.write_bytes(open(good, 'rb').read()[:2000])
   missing = tmp_path / 'missing.jpg'
-  res = _cli('predict', '--json', '--top-k', '3', good, str(png), str(truncated), str(missing))
+  inputs = [good, png, webp, rotated, gif, truncated, missing]
+  res = _cli('predict', '--json', '--top-k', '3', *map(str, inputs))
   assert res.returncode == 5, res.stderr[-2000:]
   assert 'Traceback' not in res.stderr
   out = json.loads(res.stdout)
-  answered = [o for o in out if 'top_k' in o]
+  answered = {o['input']: o['top_k'] for o in out if 'top_k' in o}
   failed = {o['input']: o['error'] for o in out if 'error' in o}
-  assert [o['input'] for o in answered] == [good] and len(answered[0]['top_k']) == 3
-  assert failed[str(png)].startswith('not_jpeg') and '(png)' in failed[str(png)]
-  assert failed[str(truncated)].startswith('corrupt_jpeg')
+  assert list(answered) == [good, str(png), str(webp), str(rotated)]
+  # the same pixels give the same answer; the re-encoded upright photo the same class
+  assert answered[str(png)] == answered[str(webp)] == answered[good]
+  assert answered[str(rotated)][0]['label'] == answered[good][0]['label']
+  assert failed[str(gif)].startswith('unsupported_format: GIF') and 'PNG' in failed[str(gif)]
+  assert failed[str(truncated)].startswith('corrupt')
   assert failed[str(missing)].startswith('unreadable')
   assert sum(l.startswith('error: ') for l in res.stderr.splitlines()) == 3
+
+
+def test_predict_and_evaluate_on_tflite_run_without_tensorflow():
+  """A phone team's Python has LiteRT, Pillow and NumPy: importing TensorFlow is refused
+  here, and the answers are the same; no TensorFlow/CUDA start-up noise on stderr."""
+  photos = [os.path.join(TINY, 'images', p) for p in sorted(os.listdir(os.path.join(TINY, 'images')))[:3]]
+  block = ('import sys; sys.modules.update(tensorflow=None, tensorflow_transform=None, '
+           'tf_keras=None, tfx=None); from pipeline import cli; sys.exit(cli.main(sys.argv[1:]))')
+  for args in (('predict', '--json', *photos),
+               ('evaluate', '--data', TINY, '--limit', '8', '--top1-min', '0', '--top5-min', '0',
+                '--json')):
+    slim = subprocess.run([sys.executable, '-c', block, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert slim.returncode == 0, slim.stderr[-2000:]
+    noise = [l for l in slim.stderr.splitlines() if not l.startswith('note: ')]
+    assert not noise, slim.stderr[-2000:]
+    assert json.loads(slim.stdout) == json.loads(_cli(*args).stdout)
 
 
 def test_ingest_out_is_replaced_whole_only_with_overwrite(tmp_path, image_host):

@@ -381,3 +381,24 @@ def test_splits_other_than_train_validation_test_are_refused(splits, message):
   from pipeline import config
   with pytest.raises(ValueError, match=message):
     config.load('demo', {'ingest.splits': splits})
+
+
+def test_exif_rotated_photo_is_stored_upright(tmp_path, image_host):
+  """Phones write the camera's orientation in EXIF; TensorFlow's decoder ignores it, so the
+  example holds the upright photo (what `predict` decodes from the original)."""
+  import tensorflow as tf
+  from components import images
+  src = Image.new('RGB', (64, 32), (200, 10, 10))  # wider than high
+  exif = Image.Exif()
+  exif[images.EXIF_ORIENTATION] = 6
+  buf = io.BytesIO()
+  src.convert('RGB').transpose(Image.Transpose.ROTATE_90).save(buf, 'JPEG', quality=95, exif=exif)
+  image_host.faults[GOOD[0]] = lambda k: (200, buf.getvalue())
+  summary, _, examples = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, [GOOD[0]]),
+                                    image_url_template=image_host.url_template)
+  assert summary['dead_letters'] == {} and summary['rows'] == 1
+  (ex,) = [e for split in examples.values() for e in split]
+  stored = ex.features.feature['image/encoded'].bytes_list.value[0]
+  h, w = images.decode_full_tf(tf.constant(stored)).shape[:2]
+  assert (w, h) == src.size  # upright, not the sideways stored pixels
+  assert ex.features.feature['image/width'].int64_list.value[0] == src.size[0]

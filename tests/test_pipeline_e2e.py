@@ -241,14 +241,14 @@ def test_serving_signature_equals_keras_model(first_run):
   the configured test-time views (and != the plain single view: the views are really inside)."""
   import tensorflow as tf
   import tf_keras as keras
-  from components.trainer import task
+  from components import images
   from tests.conftest import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   model = keras.models.load_model(model_dir)
   serve = tf.saved_model.load(model_dir).signatures['serving_default']
   photo = open(sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[0], 'rb').read()
-  pixels = task.decode(photo, cfg.model.image_size)[None]
+  pixels = images.decode_tf(photo, cfg.model.image_size)[None]
   from components.trainer import model as M
   keras_probs = M.predict_views(model, pixels, cfg.model.serving_views)['class'].numpy()
   serving_probs = serve(images=tf.constant([photo]))['probabilities'].numpy()

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from components import features as F
+from components import images
 from components.trainer import model as M
 from components.trainer import task
 
@@ -62,7 +63,7 @@ def test_kept_photos_equal_streamed_ones_at_the_serving_size(records):
   np.testing.assert_array_equal(kept_y, streamed_y)
   # the model contract: the whole photo squashed to SIZE x SIZE
   np.testing.assert_array_equal(
-      streamed_x[0], task.decode(tf.constant(open(photos[0], 'rb').read()), SIZE).numpy())
+      streamed_x[0], images.decode_tf(tf.constant(open(photos[0], "rb").read()), SIZE).numpy())
 
 
 def test_training_views_at_a_lower_size_from_kept_photos(records):

@@ -14,6 +14,7 @@ import apache_beam.io.fileio  # noqa: F401  (beam.io.fileio)
 from apache_beam.metrics import Metrics
 
 from components.errors import UserError
+from components import images
 from components.example_gen import records
 
 NAMESPACE = 'carvision.ingest'
@@ -85,6 +86,11 @@ class _FetchAndValidate(beam.DoFn):
       if reason is not None:
         yield beam.pvalue.TaggedOutput('dead', records.dead(row, reason, detail))
         continue
+      # Stored upright: the training graph's JPEG decoder ignores EXIF, `predict` does not.
+      upright = images.upright_jpeg(data)
+      if upright is not None:
+        _count('exif_rotated')
+        data, (width, height) = upright, images.size_of(upright)
       split = records.split_for(row.ad_id, self.ingest['splits'])
       _count(f'examples_{split}')
       yield split, records.to_example(row, data, width, height).SerializeToString()

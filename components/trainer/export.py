@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from components import features as F
+from components import images
 from components import names
 from components.trainer import model as M
 
@@ -32,8 +33,7 @@ def labels(tft_out, name: str = 'class') -> List[str]:
 
 
 def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
-  from components.trainer import task  # pylint: disable=g-import-not-at-top
-  return tf.map_fn(lambda j: task.decode(j, size), jpegs, fn_output_signature=tf.uint8)
+  return tf.map_fn(lambda j: images.decode_tf(j, size), jpegs, fn_output_signature=tf.uint8)
 
 
 def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
@@ -133,7 +133,7 @@ def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) ->
   out = []
   for s in ds:
     f = tf.io.parse_single_example(s, spec)
-    out.append(task.decode(tf.reshape(f[F.IMAGE], [-1])[0], size).numpy())
+    out.append(images.decode_tf(tf.reshape(f[F.IMAGE], [-1])[0], size).numpy())
   return np.stack(out)
 
 

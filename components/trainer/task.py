@@ -20,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from components import features as F
+from components import images
 from components import names
 from components.trainer import model as M
 from components.trainer import export
@@ -51,56 +52,6 @@ def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[st
   return dirs
 
 
-def decode(jpeg: tf.Tensor, size: int) -> tf.Tensor:
-  """The model contract: the whole RGB photo, bilinear-resized to size x size, uint8."""
-  img = tf.io.decode_jpeg(jpeg, channels=3)
-  img = tf.image.resize(img, (size, size), method='bilinear', antialias=False)
-  return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
-
-
-def crop_to_box(img: tf.Tensor, box: tf.Tensor, margin: float = 0.05) -> tf.Tensor:
-  """Crops to a normalised [ymin, xmin, ymax, xmax] box grown by `margin` on each side."""
-  shape = tf.cast(tf.shape(img)[:2], tf.float32)
-  lo = tf.clip_by_value(box[:2] - margin, 0.0, 1.0) * shape
-  hi = tf.clip_by_value(box[2:] + margin, 0.0, 1.0) * shape
-  lo_i = tf.cast(tf.round(lo), tf.int32)
-  size_i = tf.maximum(tf.cast(tf.round(hi), tf.int32) - lo_i, 1)
-  return tf.slice(img, tf.concat([lo_i, [0]], 0), tf.concat([size_i, [-1]], 0))
-
-
-def augment(jpeg: tf.Tensor, size: int, seed=None, box=None, crop_prob: float = 0.0) -> tf.Tensor:
-  """Decodes a JPEG and augments it (`augment_pixels`)."""
-  return augment_pixels(tf.io.decode_jpeg(jpeg, channels=3), size, box=box, crop_prob=crop_prob)
-
-
-def augment_pixels(img: tf.Tensor, size: int, box=None, crop_prob: float = 0.0,
-                   light: bool = False) -> tf.Tensor:
-  """Random resized crop (area 50-100 %), horizontal flip, brightness/contrast/saturation.
-
-  With `box` (the largest car detection, when known) and `crop_prob` > 0, that share
-  of training views is first cropped to the car: the model sees tightly framed cars as
-  phone users take them, while eval and serving keep the whole photo (the contract).
-  `light`: the whole photo and a random flip only, as the model is served.
-  """
-  if light:
-    img = tf.image.resize(img, (size, size), method='bilinear')
-    img = tf.image.random_flip_left_right(img)
-    return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
-  if box is not None:
-    img = tf.cond(tf.random.uniform([]) < crop_prob, lambda: crop_to_box(img, box), lambda: img)
-  begin, crop, _ = tf.image.sample_distorted_bounding_box(
-      tf.shape(img), tf.zeros([1, 0, 4]), min_object_covered=0.0,
-      aspect_ratio_range=(0.75, 1.33), area_range=(0.5, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  img = tf.slice(img, begin, crop)
-  img = tf.image.resize(img, (size, size), method='bilinear')
-  img = tf.image.random_flip_left_right(img)
-  img = tf.image.random_brightness(img, 25.0)
-  img = tf.image.random_contrast(img, 0.8, 1.2)
-  img = tf.image.random_saturation(img, 0.8, 1.2)
-  return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
-
-
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
             training: bool, repeat: bool = False, crop_prob: float = 0.0,
             decoded_size: Optional[int] = None, light: bool = False) -> tf.data.Dataset:
@@ -122,7 +73,7 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
 
   def fields(f):
     jpeg = tf.reshape(f[F.IMAGE], [-1])[0]
-    pixels = decode(jpeg, decoded_size) if decoded_size else jpeg
+    pixels = images.decode_tf(jpeg, decoded_size) if decoded_size else jpeg
     box = tf.stack([tf.reshape(f[k], [-1])[0] for k in F.BBOX]) if boxed else tf.zeros([4])
     known = tf.reshape(f[F.BBOX_KNOWN], [-1])[0] > 0 if boxed else tf.constant(False)
     return (pixels, box, known, tf.reshape(f[cls_key], [-1])[0],
@@ -136,15 +87,14 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
 
   def to_xy(pixels, box, known, cls, make):
     if training:
-      img = pixels if decoded_size else tf.io.decode_jpeg(pixels, channels=3)
-      img = augment_pixels(img, size, box=box if boxed else None,
-                           crop_prob=tf.where(known, crop_prob, 0.0) if boxed else 0.0,
-                           light=light)
+      img = pixels if decoded_size else images.decode_full_tf(pixels)
+      img = images.augment_tf(img, size, box=box if boxed else None,
+                              crop_prob=tf.where(known, crop_prob, 0.0) if boxed else 0.0,
+                              light=light)
     elif not decoded_size:
-      img = decode(pixels, size)
+      img = images.decode_tf(pixels, size)
     elif decoded_size != size:
-      img = tf.image.resize(pixels, (size, size), method='bilinear')
-      img = tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
+      img = images.to_uint8(tf.image.resize(pixels, (size, size), method='bilinear'))
     else:
       img = pixels
     return img, {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
