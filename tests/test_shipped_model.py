@@ -61,6 +61,17 @@ def test_embedded_metadata_labels_are_labels_txt():
   assert md['labels'] == open(os.path.join(SHIPPED, 'labels.txt')).read().splitlines()
 
 
+def test_release_says_its_terms_and_one_version_everywhere():
+  """The training photos are non-commercial only: the file's metadata and the card say so;
+  the metadata version is the card's; the card lists exactly the files shipped."""
+  from components.trainer import tflite_metadata
+  card = _card()
+  md = tflite_metadata.read(open(os.path.join(SHIPPED, 'model.tflite'), 'rb').read())
+  assert 'non-commercial' in md['license'].lower() and md['license'] == card['license']
+  assert md['version'] == card['version']
+  assert all(os.path.exists(os.path.join(SHIPPED, n)) for n in card['files']), card['files']
+
+
 def test_predict_uses_the_shipped_model_by_default():
   with open(os.path.join(TINY, 'labels.csv')) as f:
     row = next(csv.DictReader(f))
