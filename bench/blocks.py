@@ -17,7 +17,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from components.backbone import efficientnet_lite as el  # noqa: E402
-from components.trainer import task  # noqa: E402
+from components import images  # noqa: E402
 
 
 def main():

@@ -21,7 +21,7 @@ import apache_beam as beam  # noqa: E402
 import requests  # noqa: E402
 
 from components.example_gen import beam_ingest, records  # noqa: E402
-from pipeline import config as config_lib, services  # noqa: E402
+from pipeline import config as config_lib  # noqa: E402
 
 TINY = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
 

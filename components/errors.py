@@ -7,3 +7,8 @@ message names the setting or argument and what is allowed.
 
 class UserError(ValueError):
   """A configuration, argument or input value to fix; the message says which and how."""
+
+
+class SourceError(RuntimeError):
+  """The data source failed or refused (database unreachable, wrong password, gone mid-read,
+  too many dead letters): the message starts with what failed and says what to check."""

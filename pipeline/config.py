@@ -281,9 +281,6 @@ class Config:
   cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
   source_file: str = ''
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
   def path(self, p: str) -> str:
     """Resolves a configured local path against the repository root."""
     if p is None or '://' in p or os.path.isabs(p):
@@ -436,8 +433,34 @@ def build(data: Dict[str, Any]) -> Config:
     raise _explain(e) from None
 
 
-def from_json(text: str) -> Config:
-  return build(json.loads(text))
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  """What the Trainer is given (model, serve, the license for the files' metadata): only
+  these, so a gate or push change does not invalidate a cached Trainer. Travels as JSON in
+  the Trainer's custom_config and is rebuilt typed (and validated again) by run_fn."""
+  model: ModelConfig
+  serve: ServeConfig
+  license: str = ''
+
+  def as_dict(self) -> Dict[str, Any]:
+    return {'model': dataclasses.asdict(self.model), 'serve': dataclasses.asdict(self.serve),
+            'license': self.license}
+
+  def to_json(self) -> str:
+    return json.dumps(self.as_dict(), sort_keys=True)
+
+
+def trainer_config(cfg: Config) -> TrainerConfig:
+  return TrainerConfig(model=cfg.model, serve=cfg.serve, license=cfg.push.license or '')
+
+
+def trainer_config_from_json(text: str) -> TrainerConfig:
+  data = json.loads(text)
+  try:
+    return TrainerConfig(model=ModelConfig(**data['model']), serve=ServeConfig(**data['serve']),
+                         license=data.get('license') or '')
+  except pydantic.ValidationError as e:
+    raise _explain(e) from None
 
 
 def parse_override(item: str):

@@ -14,6 +14,7 @@ from components.example_gen.component import CarAdsExampleGen
 from components.pusher.component import VersionedPusher
 from components.tflite_evaluator.component import TFLiteEvaluator
 from components.trainer import model as trainer_model
+from pipeline import config as config_lib
 from pipeline.config import CONFIG_DIR, Config
 
 SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
@@ -110,9 +111,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None,
 
   # The model and serve sections only (serve: the decision thresholds the Trainer writes
   # beside the model): a gate or push change must not invalidate a cached Trainer.
-  trainer_config = {'config': json.dumps({'model': dataclasses.asdict(cfg.model),
-                                           'serve': dataclasses.asdict(cfg.serve),
-                                           'license': cfg.push.license}, sort_keys=True)}
+  trainer_config = {'config': config_lib.trainer_config(cfg).to_json()}
   trainer_class = tfx.components.Trainer
   if vertex_training and cfg.cloud.trainer is not None:
     trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer

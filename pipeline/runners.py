@@ -91,7 +91,7 @@ def compile_vertex(cfg: Config, output: str = None) -> str:
   """Writes the Vertex AI pipeline spec JSON; returns its path. Offline."""
   from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.run import card_extras, started  # pylint: disable=g-import-not-at-top
+  from pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   output = cfg.path(output or cfg.cloud.vertex_spec)

@@ -46,9 +46,17 @@ def test_every_problem_is_named_at_once_and_a_password_is_never_echoed():
   assert 'contains a password' in text and 'hunter2' not in text
 
 
-def test_shipped_configs_load_and_round_trip_through_json():
+def test_shipped_configs_load_and_reach_the_trainer_typed():
+  """The Trainer's part of each shipped config travels as JSON (custom_config) and is
+  rebuilt typed, and validated again, by run_fn."""
   for name in ('default', 'demo', 'car_ads', 'dataflow'):
     cfg = config.load(name)
-    again = config.from_json(cfg.to_json())
-    assert again.to_json() == cfg.to_json()
+    sent = config.trainer_config(cfg)
+    back = config.trainer_config_from_json(sent.to_json())
+    assert back == sent and isinstance(back.model.stages[0], config.StageConfig)
   assert config.load('car_ads').model.stages[0].trainable == 'none'
+  broken = config.trainer_config(config.load('demo')).as_dict()
+  broken['model']['batch_size'] = 0
+  import json
+  with pytest.raises(config.ConfigError, match='batch_size'):
+    config.trainer_config_from_json(json.dumps(broken))

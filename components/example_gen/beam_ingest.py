@@ -13,7 +13,7 @@ import apache_beam as beam
 import apache_beam.io.fileio  # noqa: F401  (beam.io.fileio)
 from apache_beam.metrics import Metrics
 
-from components.errors import UserError
+from components.errors import SourceError, UserError
 from components import images
 from components.example_gen import records
 
@@ -237,15 +237,15 @@ def check_share(summary: Dict[str, Any], max_share: float) -> None:
   rows = summary['rows']
   dead = sum(summary['dead_letters'].values())
   if summary.get('unaccounted') or summary.get('rows_read', rows) != rows:
-    raise RuntimeError(
+    raise SourceError(
         f"ingestion: the source holds {rows} rows but {summary.get('rows_read')} were read and "
         f"{summary.get('unaccounted')} became neither an example nor a dead letter; rows "
         'deleted while reading, or a defect: nothing was lost silently, rerun to retry')
   if rows == 0:
-    raise RuntimeError('ingestion read 0 rows: check the source (DSN / csv pattern)')
+    raise SourceError('ingestion read 0 rows: check the source (DSN / csv pattern)')
   share = dead / rows
   if share > max_share:
-    raise RuntimeError(
+    raise SourceError(
         f'ingestion: {dead} of {rows} rows ({share:.1%}) became dead letters, over the '
         f'configured limit ingest.max_dead_letter_share={max_share:.1%}; by reason: '
         f'{summary["dead_letters"]}. Is the image host or the database healthy?')

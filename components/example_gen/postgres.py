@@ -11,9 +11,11 @@ and ingestion fails when the two disagree. The password comes from PGPASSWORD.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from components.errors import SourceError
 from components.example_gen import records
 
 _ROWS_SQL = """
@@ -47,6 +49,19 @@ def password_from_secret(secret: str) -> str:
   return client.access_secret_version(name=secret).payload.data.decode('utf-8')
 
 
+@contextlib.contextmanager
+def database_errors():
+  """psycopg2's errors as SourceError (one line, the settings to check), also inside Beam
+  workers, whose errors reach the command line as text."""
+  import psycopg2  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except psycopg2.Error as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise SourceError(f'database: {first} (check ingest.dsn / --dsn / CARVISION_DSN, '
+                      'PGPASSWORD, and that the server is up)') from None
+
+
 def connect(dsn: str, password_secret: Optional[str] = None):
   """libpq reads PGPASSWORD itself; otherwise the configured Secret Manager version."""
   import os  # pylint: disable=g-import-not-at-top
@@ -60,18 +75,20 @@ def connect(dsn: str, password_secret: Optional[str] = None):
 def check_source(dsn: str, password_secret: Optional[str] = None) -> None:
   """Connects and reads one row of app.ad_images: a wrong password, an unknown host or a
   missing table fails here, before any component runs, with libpq's own message."""
-  with connect(dsn, password_secret) as conn, conn.cursor() as cur:
-    cur.execute('SELECT 1 FROM app.ad_images LIMIT 1')
-  conn.close()
+  with database_errors():
+    with connect(dsn, password_secret) as conn, conn.cursor() as cur:
+      cur.execute('SELECT 1 FROM app.ad_images LIMIT 1')
+    conn.close()
 
 
 def plan_reads(dsn: str, partitions: int, password_secret: Optional[str] = None) -> Dict[str, Any]:
   """{'ranges': half-open [lo, hi) ad_id ranges covering every row, plus (None, None) for
   rows with a NULL ad_id; 'rows': the table's row count; 'max_id': the last image id read}."""
-  with connect(dsn, password_secret) as conn, conn.cursor() as cur:
-    cur.execute(_BOUNDS_SQL)
-    lo, hi, n, max_id, n_null = cur.fetchone()
-  conn.close()
+  with database_errors():
+    with connect(dsn, password_secret) as conn, conn.cursor() as cur:
+      cur.execute(_BOUNDS_SQL)
+      lo, hi, n, max_id, n_null = cur.fetchone()
+    conn.close()
   ranges: List[Tuple[Optional[int], Optional[int]]] = []
   if lo is not None:
     parts = max(1, min(int(partitions), int(n)))
@@ -109,16 +126,17 @@ def read_range(dsn: str, lo: Optional[int], hi: Optional[int], classes: Sequence
                password_secret: Optional[str] = None) -> Iterator[records.Row]:
   """Streams one ad_id range (lo None: the rows whose ad_id is NULL) through a named
   (server-side) cursor."""
-  conn = connect(dsn, password_secret)
-  try:
-    with conn.cursor(name=f'carvision_{lo}_{hi}') as cur:
-      cur.itersize = itersize
-      where = _NULL_AD if lo is None else _IN_RANGE
-      cur.execute(_ROWS_SQL.format(where=where), {'lo': lo, 'hi': hi, 'max_id': max_id})
-      for rec in cur:
-        yield row_from_record(rec, classes, min_confidence)
-  finally:
-    conn.close()
+  with database_errors():
+    conn = connect(dsn, password_secret)
+    try:
+      with conn.cursor(name=f'carvision_{lo}_{hi}') as cur:
+        cur.itersize = itersize
+        where = _NULL_AD if lo is None else _IN_RANGE
+        cur.execute(_ROWS_SQL.format(where=where), {'lo': lo, 'hi': hi, 'max_id': max_id})
+        for rec in cur:
+          yield row_from_record(rec, classes, min_confidence)
+    finally:
+      conn.close()
 
 
 # The original export, without its duplicate-p_hash defect: distinct p_hashes per
@@ -165,8 +183,9 @@ def usable_photos(dsn: str, vehicle_classes, min_confidence: float,
 
 
 def export_rows(dsn: str, classes: Sequence[str], min_confidence: float):
-  with connect(dsn) as conn, conn.cursor(name='carvision_export') as cur:
-    cur.execute(EXPORT_SQL, {'classes': list(classes), 'min_conf': float(min_confidence)})
-    for rec in cur:
-      yield rec
-  conn.close()
+  with database_errors():
+    with connect(dsn) as conn, conn.cursor(name='carvision_export') as cur:
+      cur.execute(EXPORT_SQL, {'classes': list(classes), 'min_conf': float(min_confidence)})
+      for rec in cur:
+        yield rec
+    conn.close()

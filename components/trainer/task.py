@@ -8,7 +8,7 @@ the validation split (TFX `eval_args`); the test split never reaches the Trainer
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from typing import Dict, List, Optional
@@ -221,8 +221,9 @@ def warm_start(full: keras.Model, path: str, vocab: Dict[str, List[str]]) -> Dic
 
   The backbone must be the same architecture (weights match one to one). The heads are
   mapped by label, so a vocabulary that gained or lost classes (or makes) still starts
-  from the previous model: a label in both keeps its row, a new label keeps its fresh
-  initialisation, a dropped one is left out. Returns what was kept, added and dropped.
+  from the previous model: a label in both keeps its row, a new label starts silent (zero
+  weights, the lowest kept bias) and is learnt by the warm-start schedule, a dropped one is
+  left out. Returns what was kept, added and dropped.
   """
   src = _saved_model_dir(path)
   prev_vocab = previous_vocabularies(path, src)
@@ -244,6 +245,11 @@ def warm_start(full: keras.Model, path: str, vocab: Dict[str, List[str]]) -> Dic
     kept = [(j, index[label]) for j, label in enumerate(new_labels) if label in index]
     for j, i in kept:
       kernel[:, j], bias[j] = old_kernel[:, i], old_bias[i]
+    # A new label starts silent (zero weights, the lowest kept bias): a random row would
+    # take answers from the classes the model already knows until training moves it.
+    for j, label in enumerate(new_labels):
+      if label not in index:
+        kernel[:, j], bias[j] = 0.0, float(old_bias.min())
     layer.set_weights([kernel, bias])
     record[head_name] = {'kept': len(kept),
                          'new': sorted(set(new_labels) - set(index))[:50],
@@ -251,10 +257,10 @@ def warm_start(full: keras.Model, path: str, vocab: Dict[str, List[str]]) -> Dic
   return record
 
 
-def warm_start_source(mc: Dict, base_model: Optional[str]) -> Optional[str]:
-  """model.warm_start: `none`, `latest_blessed` (the resolver's model: TFX base_model; None
-  on the first run) or a path."""
-  ws = mc.get('warm_start') or 'none'
+def warm_start_source(mc, base_model: Optional[str]) -> Optional[str]:
+  """model.warm_start (a ModelConfig): `none`, `latest_blessed` (the resolver's model: TFX
+  base_model; None on the first run) or a path."""
+  ws = mc.warm_start or 'none'
   if ws == 'none':
     return None
   if ws == 'latest_blessed':
@@ -328,110 +334,132 @@ def _compile(m: keras.Model, schedule, smoothing: float):
 
 
 def run_fn(fn_args):
-  """TFX Trainer entry point (GenericExecutor): the same code on a CPU, GPUs or a TPU."""
+  """TFX Trainer entry point (GenericExecutor): orchestration only. The same code on a CPU,
+  GPUs or a TPU (model.distribute); the stages are the configured schedule, each run by the
+  function of its kind and rolled back when validation says it did not help."""
   from components.trainer import distribute  # pylint: disable=g-import-not-at-top
-  cfg = json.loads(fn_args.custom_config['config'])
-  strategy = distribute.set_up(cfg['model'].get('distribute') or 'auto')
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.trainer_config_from_json(fn_args.custom_config['config'])
+  strategy = distribute.set_up(cfg.model.distribute)
   with strategy.scope():
-    _train(fn_args, cfg, strategy.num_replicas_in_sync)
+    run = Training(fn_args, cfg, strategy.num_replicas_in_sync)
+    run.start()
+    for stage in run.stages:
+      run.stage(stage)
+    run.finish()
 
 
-def _train(fn_args, cfg, replicas: int = 1):
-  t0 = time.time()
-  mc = cfg['model']
-  keras.utils.set_random_seed(int(mc.get('seed', 7)))
-  from components.trainer import distribute  # pylint: disable=g-import-not-at-top
-  size = int(mc['image_size'])
-  # batch_size is per replica; learning rates scale with the replicas (distribute.scaled)
-  batch, lr_scale = distribute.scaled(int(mc['batch_size']), 1.0, replicas)
-  tft_out = tft.TFTransformOutput(fn_args.transform_output)
-  n_classes = tft_out.vocabulary_size_by_name(F.vocab_name('class'))
-  n_makes = tft_out.vocabulary_size_by_name(F.vocab_name('make'))
-  spec = tft_out.transformed_feature_spec()
-  # eval_files are the validation split (Trainer eval_args): what chooses, never what judges.
-  train_files, eval_files = _files(fn_args.train_files), _files(fn_args.eval_files)
-  opened = check_inputs(train_files, eval_files)
-  logging.info('classes=%d makes=%d train files=%s', n_classes, n_makes, train_files)
+class Training:
+  """One Trainer run: its inputs, the model, the shared caches and the history. The stage
+  kinds: `fit_heads` (frozen network: heads on pooled cached activations), `fit_cached_top`
+  (top blocks on cached lower activations), `fit_end_to_end` (photos through the network)."""
 
-  base = M.backbone(mc)
-  n_feat = int(base.output.shape[-1])
-  head = M.heads(n_feat, n_classes, n_makes, float(mc['dropout']))
-  full = M.classifier(base, head, size)
-  started_from = None
-  source = warm_start_source(mc, getattr(fn_args, 'base_model', None))
-  if source:
-    started_from = warm_start(full, source, {M.CLASS_OUT: export.labels(tft_out, 'class'),
-                                             M.MAKE_OUT: export.labels(tft_out, 'make')})
-    logging.info('warm start: %s', started_from)
-  tb = keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, write_graph=False)
-  history = {}
-  smoothing = float(mc['label_smoothing'])
-  patience = int(mc['early_stopping_patience'])
+  def __init__(self, fn_args, cfg, replicas: int = 1):
+    from components.trainer import distribute  # pylint: disable=g-import-not-at-top
+    self.t0 = time.time()
+    self.fn_args, self.cfg, self.mc = fn_args, cfg, cfg.model
+    keras.utils.set_random_seed(self.mc.seed)
+    self.size = self.mc.image_size
+    # batch_size is per replica; learning rates scale with the replicas (distribute.scaled)
+    self.batch, self.lr_scale = distribute.scaled(self.mc.batch_size, 1.0, replicas)
+    self.tft_out = tft.TFTransformOutput(fn_args.transform_output)
+    self.n_classes = self.tft_out.vocabulary_size_by_name(F.vocab_name('class'))
+    self.n_makes = self.tft_out.vocabulary_size_by_name(F.vocab_name('make'))
+    self.n_out = {M.CLASS_OUT: self.n_classes, M.MAKE_OUT: self.n_makes}
+    self.spec = self.tft_out.transformed_feature_spec()
+    # eval_files are the validation split (Trainer eval_args): what chooses, never what judges.
+    self.train_files, self.eval_files = _files(fn_args.train_files), _files(fn_args.eval_files)
+    self.opened = check_inputs(self.train_files, self.eval_files)
+    logging.info('classes=%d makes=%d train files=%s', self.n_classes, self.n_makes,
+                 self.train_files)
+    self.base = M.backbone(dataclasses.asdict(self.mc))
+    self.head = M.heads(int(self.base.output.shape[-1]), self.n_classes, self.n_makes,
+                        self.mc.dropout)
+    self.full = M.classifier(self.base, self.head, self.size)
+    self.tb = keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, write_graph=False)
+    self.history: Dict = {}
+    self.cache = None
+    self.upper = self.lower = None
+    self.best = -1.0  # best validation top-1 so far; a stage that does not beat it is rolled back
+    self.started_from = None
+    self.source = warm_start_source(self.mc, getattr(fn_args, 'base_model', None))
+    # A warm start continues a trained model: the short schedule when one is configured.
+    self.stages = (self.mc.warm_start_stages if self.source and self.mc.warm_start_stages
+                   else self.mc.stages)
 
-  def stop(stage):
-    p = stage.get('patience')
-    return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max',
-                                         patience=patience if p is None else int(p),
+  # --- data ---------------------------------------------------------------------------
+
+  def data(self, files, training, repeat=False, at=None, light=False, cached=False):
+    return dataset(files, self.spec, at or self.size, self.batch, self.n_classes, self.n_makes,
+                   training=training, repeat=repeat, crop_prob=self.mc.bbox_crop_prob,
+                   decoded_size=self.size if cached else None, light=light)
+
+  def start(self) -> None:
+    """Counts the splits, sizes the photo cache, warm-starts when configured."""
+    self.n_train = sum(1 for _ in tf.data.TFRecordDataset(self.train_files, compression_type='GZIP'))
+    self.n_val = sum(1 for _ in tf.data.TFRecordDataset(self.eval_files, compression_type='GZIP'))
+    # Decoded photos (uint8, serving size) kept in memory only while they fit the budget.
+    photo_mb = (self.n_train + self.n_val) * self.size * self.size * 3 / 2**20
+    self.keep_photos = photo_mb <= self.mc.photo_cache_mb
+    logging.info('decoded photos %.0f MB: %s', photo_mb, 'kept in memory' if self.keep_photos
+                 else 'over model.photo_cache_mb: decoded every epoch')
+    self.validation = self.data(self.eval_files, False, cached=self.keep_photos)  # one cache, reused
+    if self.source:
+      self.started_from = warm_start(self.full, self.source, {
+          M.CLASS_OUT: export.labels(self.tft_out, 'class'),
+          M.MAKE_OUT: export.labels(self.tft_out, 'make')})
+      _compile(self.full, 1e-4, self.mc.label_smoothing)
+      self.best = self.full.evaluate(self.validation, return_dict=True, verbose=0)['class_top1']
+      self.started_from['validation_top1'] = float(self.best)
+      logging.info('warm start: %s', self.started_from)
+
+  def _stop(self, stage):
+    patience = self.mc.early_stopping_patience if stage.patience is None else stage.patience
+    return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max', patience=patience,
                                          restore_best_weights=True)
 
-  def data(files, training, repeat=False, at=size, light=False, cached=False):
-    return dataset(files, spec, at, batch, n_classes, n_makes, training=training, repeat=repeat,
-                   crop_prob=float(mc.get('bbox_crop_prob') or 0.0),
-                   decoded_size=size if cached else None, light=light)
+  def _cached_tops(self) -> List[int]:
+    return [st.top_blocks for st in self.stages if st.trainable == 'top_blocks' and st.cached]
 
-  n_train = sum(1 for _ in tf.data.TFRecordDataset(train_files, compression_type='GZIP'))
-  n_val = sum(1 for _ in tf.data.TFRecordDataset(eval_files, compression_type='GZIP'))
-  # Decoded photos (uint8, serving size) kept in memory only while they fit the budget.
-  photo_mb = (n_train + n_val) * size * size * 3 / 2**20
-  keep_photos = photo_mb <= float(mc.get('photo_cache_mb', 0) or 0)
-  logging.info('decoded photos %.0f MB: %s', photo_mb, 'kept in memory' if keep_photos else
-               'over model.photo_cache_mb: decoded every epoch')
-  validation = data(eval_files, False, cached=keep_photos)  # one dataset: its cache is reused
-  # A warm start continues a trained model: the short schedule when one is configured.
-  stages = mc['warm_start_stages'] if source and mc.get('warm_start_stages') else mc['stages']
-  # Cached stages (frozen, or top blocks with `cached: true`) share one pass of the
-  # frozen lower network over 1 clean + (feature_views - 1) augmented views of each photo.
-  cached_tops = [int(st.get('top_blocks', 2)) for st in stages
-                 if st['trainable'] == 'top_blocks' and st.get('cached')]
-  upper = lower = None
-  cache = None
-  n_out = {M.CLASS_OUT: n_classes, M.MAKE_OUT: n_makes}
-
-  def build_cache():
-    nonlocal lower, upper
+  def _build_cache(self) -> Dict:
+    """One pass of the frozen lower network over 1 clean + (feature_views - 1) augmented
+    views of each training photo and over validation, shared by the cached stages; in
+    memory up to model.activation_cache_mb, else on disk."""
     ts = time.time()
-    M.set_trainable(base, 'none')
-    if cached_tops:
-      if M.raw_pixel_input(mc['backbone']):
+    backbone = self.mc.backbone
+    M.set_trainable(self.base, 'none')
+    tops = self._cached_tops()
+    if tops:
+      if M.raw_pixel_input(backbone):
         raise ValueError('cached top_blocks stages need an EfficientNet-Lite backbone; for '
-                         f"{mc['backbone']} use `cached: false` (end to end)")
-      lower, upper = M.el.split(base, mc['backbone'], max(cached_tops))
+                         f'{backbone} use `cached: false` (end to end)')
+      self.lower, self.upper = M.el.split(self.base, backbone, max(tops))
     else:
-      lower = base
-    n_views = int(mc['feature_views'])
-    chained = data(train_files, False)
-    for _ in range(n_views - 1):
-      chained = chained.concatenate(data(train_files, True))
-    # One array for all views, in memory up to model.activation_cache_mb, else on disk.
-    store = ActivationStore(float(mc.get('activation_cache_mb', 4096)))
-    xtr, ytr = cached_features(lower, chained, backbone=mc['backbone'],
-                               count=n_train * n_views, store=store)
-    xev, yev = cached_features(lower, validation, backbone=mc['backbone'], count=n_val,
+      self.lower = self.base
+    views = self.mc.feature_views
+    chained = self.data(self.train_files, False)
+    for _ in range(views - 1):
+      chained = chained.concatenate(self.data(self.train_files, True))
+    store = ActivationStore(self.mc.activation_cache_mb)
+    xtr, ytr = cached_features(self.lower, chained, backbone=backbone,
+                               count=self.n_train * views, store=store)
+    xev, yev = cached_features(self.lower, self.validation, backbone=backbone, count=self.n_val,
                                store=store)
     logging.info('cached activations: train %s validation %s (%.0f MB, %s) in %.1fs', xtr.shape,
                  xev.shape, (xtr.nbytes + xev.nbytes) / 2**20,
                  'on disk' if store.spilled else 'in memory', time.time() - ts)
     return {'maps': (xtr, ytr, xev, yev), 'seconds': time.time() - ts, 'store': store}
 
-  def pooled(c):
+  def _pooled(self):
     """Frozen-stage inputs: pooled features (through the frozen upper part when split)."""
+    c = self.cache
     if 'pooled' not in c:
       xtr, ytr, xev, yev = c['maps']
-      if upper is None:
+      if self.upper is None:
         c['pooled'] = (xtr, ytr, xev, yev)
       else:
-        M.set_trainable(upper, 'none')
-        f = tf.function(lambda x: upper(x, training=False))
+        M.set_trainable(self.upper, 'none')
+        f = tf.function(lambda x: self.upper(x, training=False))
 
         def run(a):
           out = None
@@ -444,89 +472,103 @@ def _train(fn_args, cfg, replicas: int = 1):
         c['pooled'] = (run(xtr), ytr, run(xev), yev)
     return c['pooled']
 
-  best = -1.0  # best validation top-1 so far; a stage that does not beat it is rolled back
-  if started_from:
-    _compile(full, 1e-4, smoothing)
-    best = full.evaluate(validation, return_dict=True, verbose=0)['class_top1']
-    started_from['validation_top1'] = float(best)
-  for stage in stages:
-    name, epochs = stage['name'], int(stage['epochs'])
-    ts = time.time()
-    before = full.get_weights()
-    cached_stage = stage['trainable'] == 'none' or (
-        stage['trainable'] == 'top_blocks' and stage.get('cached'))
-    if cached_stage and cache is None:
-      cache = build_cache()
-    if stage['trainable'] == 'none':
-      xtr, ytr, xev, yev = pooled(cache)
-      train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
-      val = ArrayBatches(xev, yev, 256, n_out, shuffle=False)
-      steps = len(train_seq) * epochs
-      _compile(head, M.WarmupCosine(stage['learning_rate'] * lr_scale, steps, steps // 10), smoothing)
-      h = head.fit(train_seq, epochs=epochs, validation_data=val, callbacks=[stop(stage), tb],
-                   verbose=2)
-    elif cached_stage:
-      # Top blocks + heads trained on cached lower activations; copied back afterwards.
-      xtr, ytr, xev, yev = cache['maps']
-      M.set_trainable(upper, 'top_blocks', int(stage.get('top_blocks', 2)))
-      cache.pop('pooled', None)  # the upper part changes: pooled features go stale
-      inp = keras.Input(xtr.shape[1:], name='activations')
-      top = keras.Model(inp, M.named(head(upper(inp))), name='top')
-      train_seq = ArrayBatches(xtr, ytr, batch, n_out, shuffle=True)
-      steps = len(train_seq) * epochs
-      _compile(top, M.WarmupCosine(stage['learning_rate'] * lr_scale, steps, steps // 10), smoothing)
-      h = top.fit(train_seq, epochs=epochs, validation_data=ArrayBatches(
-          xev, yev, 256, n_out, shuffle=False), callbacks=[stop(stage), tb], verbose=2)
-      M.el.copy_weights(upper, base)
-    else:
-      M.set_trainable(base, stage['trainable'], int(stage.get('top_blocks', 2)))
-      at = int(stage.get('image_size') or size)
-      if at != size and full.input_shape[1] is not None:
-        raise ValueError(f'stage {name}: image_size {at} needs a backbone of any input size '
-                         f"(EfficientNet-Lite); {mc['backbone']} is built at {size}")
-      per_epoch = max(1, n_train // batch)
-      _compile(full, M.WarmupCosine(stage['learning_rate'] * lr_scale, per_epoch * epochs,
-                                      per_epoch // 2),
-               smoothing)
-      train = data(train_files, True, repeat=True, at=at, cached=keep_photos,
-                   light=stage.get('augment') == 'light')
-      h = full.fit(train, steps_per_epoch=per_epoch, epochs=epochs, validation_data=validation,
-                   callbacks=[stop(stage), tb], verbose=2)
-    history[name] = {k: [float(v) for v in vals] for k, vals in h.history.items()}
-    if not cached_stage:
-      history[name]['image_size'] = at
-    history[name]['seconds'] = time.time() - ts
-    stage_best = max(h.history.get('val_class_top1', [0.0]))
-    if stage_best < best:
-      full.set_weights(before)
-      if upper is not None:
-        M.el.copy_weights(base, upper)
-      history[name]['rolled_back'] = True
-      logging.info('stage %s: best validation top-1 %.4f < %.4f before it; weights restored',
-                   name, stage_best, best)
-    best = max(best, stage_best)
-    logging.info('stage %s done in %.1fs: %s', name, time.time() - ts, history[name])
-  history['decoded_photos_in_memory'] = keep_photos
-  if cache is not None:
-    history['cache_seconds'] = cache['seconds']
-    history['activations_on_disk'] = bool(cache['store'].spilled)
-    cache['store'].cleanup()
-    cache = None
+  def _schedule(self, stage, steps: int, warmup: int):
+    return M.WarmupCosine(stage.learning_rate * self.lr_scale, steps, warmup)
 
-  # Final figures of the restored model on the validation split (Keras, float).
-  _compile(full, 1e-4, smoothing)
-  final = full.evaluate(validation, return_dict=True, verbose=0)
-  logging.info('float model on the validation split: %s', final)
-  calibrated = None
-  probs, truth = validation_probabilities(full, validation,
-                                          M.parse_views(mc.get('serving_views') or ['full']))
-  if mc.get('calibrate', True):
-    calibrated, probs = calibrate(full, probs, truth)
-    logging.info('calibration: %s', calibrated)
-  serve = serve_thresholds(cfg.get('serve') or {}, probs[M.CLASS_OUT], truth[M.CLASS_OUT],
-                           export.labels(tft_out, 'class'))
-  logging.info('decision thresholds: %s', serve)
-  export.export_all(full, tft_out, fn_args, cfg, history={
-      'stages': history, 'validation': final, 'warm_start': started_from, 'inputs': opened,
-      'calibration': calibrated, 'serve': serve,
-      'train_seconds': time.time() - t0})
+  # --- the stage kinds ----------------------------------------------------------------
+
+  def fit_heads(self, stage):
+    """Frozen network: the heads alone on pooled activations (linear probe)."""
+    xtr, ytr, xev, yev = self._pooled()
+    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True)
+    steps = len(train) * stage.epochs
+    _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
+    return self.head.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
+        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb], verbose=2)
+
+  def fit_cached_top(self, stage):
+    """Top blocks + heads on cached lower activations; copied back into the backbone."""
+    xtr, ytr, xev, yev = self.cache['maps']
+    M.set_trainable(self.upper, 'top_blocks', stage.top_blocks)
+    self.cache.pop('pooled', None)  # the upper part changes: pooled features go stale
+    inp = keras.Input(xtr.shape[1:], name='activations')
+    top = keras.Model(inp, M.named(self.head(self.upper(inp))), name='top')
+    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True)
+    steps = len(train) * stage.epochs
+    _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
+    h = top.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
+        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb], verbose=2)
+    M.el.copy_weights(self.upper, self.base)
+    return h
+
+  def fit_end_to_end(self, stage):
+    """Photos through the network, the chosen blocks trainable, at the stage's size
+    (FixRes: a lower training size) with standard or light augmentation."""
+    M.set_trainable(self.base, stage.trainable, stage.top_blocks)
+    at = stage.image_size or self.size
+    if at != self.size and self.full.input_shape[1] is not None:
+      raise ValueError(f'stage {stage.name}: image_size {at} needs a backbone of any input '
+                       f'size (EfficientNet-Lite); {self.mc.backbone} is built at {self.size}')
+    per_epoch = max(1, self.n_train // self.batch)
+    _compile(self.full, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
+             self.mc.label_smoothing)
+    train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
+                      light=stage.augment == 'light')
+    h = self.full.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
+                      validation_data=self.validation, callbacks=[self._stop(stage), self.tb],
+                      verbose=2)
+    h.history['image_size'] = at
+    return h
+
+  def stage(self, stage) -> None:
+    """Runs one stage with the function of its kind; rolls it back if its best validation
+    top-1 is below the best before it."""
+    ts = time.time()
+    before = self.full.get_weights()
+    if stage.trainable == 'none':
+      kind = self.fit_heads
+    elif stage.trainable == 'top_blocks' and stage.cached:
+      kind = self.fit_cached_top
+    else:
+      kind = self.fit_end_to_end
+    if kind != self.fit_end_to_end and self.cache is None:
+      self.cache = self._build_cache()
+    h = kind(stage)
+    record = {k: (v if k == 'image_size' else [float(x) for x in v]) for k, v in h.history.items()}
+    record['seconds'] = time.time() - ts
+    stage_best = max(h.history.get('val_class_top1', [0.0]))
+    if stage_best < self.best:
+      self.full.set_weights(before)
+      if self.upper is not None:
+        M.el.copy_weights(self.base, self.upper)
+      record['rolled_back'] = True
+      logging.info('stage %s: best validation top-1 %.4f < %.4f before it; weights restored',
+                   stage.name, stage_best, self.best)
+    self.best = max(self.best, stage_best)
+    self.history[stage.name] = record
+    logging.info('stage %s done in %.1fs: %s', stage.name, time.time() - ts, record)
+
+  def finish(self) -> None:
+    """Validation figures, calibration and decision thresholds (validation split), export."""
+    self.history['decoded_photos_in_memory'] = self.keep_photos
+    if self.cache is not None:
+      self.history['cache_seconds'] = self.cache['seconds']
+      self.history['activations_on_disk'] = bool(self.cache['store'].spilled)
+      self.cache['store'].cleanup()
+      self.cache = None
+    _compile(self.full, 1e-4, self.mc.label_smoothing)
+    final = self.full.evaluate(self.validation, return_dict=True, verbose=0)
+    logging.info('float model on the validation split: %s', final)
+    probs, truth = validation_probabilities(self.full, self.validation,
+                                            M.parse_views(self.mc.serving_views or ['full']))
+    calibrated = None
+    if self.mc.calibrate:
+      calibrated, probs = calibrate(self.full, probs, truth)
+      logging.info('calibration: %s', calibrated)
+    serve = serve_thresholds(dataclasses.asdict(self.cfg.serve), probs[M.CLASS_OUT],
+                             truth[M.CLASS_OUT], export.labels(self.tft_out, 'class'))
+    logging.info('decision thresholds: %s', serve)
+    export.export_all(self.full, self.tft_out, self.fn_args, self.cfg.as_dict(), history={
+        'stages': self.history, 'validation': final, 'warm_start': self.started_from,
+        'inputs': self.opened, 'calibration': calibrated, 'serve': serve,
+        'train_seconds': time.time() - self.t0})
