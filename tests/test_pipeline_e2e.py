@@ -150,6 +150,10 @@ def _rerun(first_run, tiny_dsn, push, **over):
 
 EASY = {'evaluate.top1_min': 0.0, 'evaluate.top5_min': 0.0, 'evaluate.max_regression': 1.0,
         'evaluate.max_int8_drop': 1.0}
+# Re-trainings that test gating and warm starts, not quantisation: one int8 file, no layer
+# ranking, a short calibration (TFLite conversion is most of a Trainer run on 2 cores).
+QUICK_EXPORT = {'model.fast_file': False, 'model.tflite_float_layers': 0,
+                'model.tflite_representative_samples': 16}
 
 
 def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_dsn):
@@ -353,7 +357,7 @@ def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny
   _rerun(first_run, tiny_dsn, 'push_base', **EASY)  # blessed baseline (cached model)
   worse = [{'name': 'head', 'trainable': 'none', 'epochs': 1, 'learning_rate': 1e-5}]
   cfg, s = _rerun(first_run, tiny_dsn, 'push_worse',
-                  **{**EASY, 'evaluate.max_regression': 0.01, 'model.stages': worse,
+                  **{**EASY, **QUICK_EXPORT, 'evaluate.max_regression': 0.01, 'model.stages': worse,
                      'model.feature_views': 1, 'evaluate.tfma': False})
   change = s['int8_gate']['top1_change_vs_blessed']
   assert change['value'] < -0.01 and not change['pass']
@@ -400,9 +404,9 @@ def test_new_span_with_a_new_class_warm_starts_from_the_blessed_model(first_run,
   prev = sorted(glob.glob(os.path.join(cfg0.path(cfg0.pipeline.root), 'Trainer', 'model', '*')),
                 key=lambda d: int(os.path.basename(d)))[0]  # the first run's model, blessed by push_easy
   pattern, new_class, old_class = _new_span_with_a_new_class(tmp, cfg0.ingest.splits)
-  short = [{'name': 'head', 'trainable': 'none', 'epochs': 4, 'learning_rate': 1e-3}]
+  short = [{'name': 'head', 'trainable': 'none', 'epochs': 8, 'learning_rate': 3e-3}]
   cfg, s = _rerun(first_run, tiny_dsn, 'push_warm',
-                  **{**EASY, 'ingest.dsn': None, 'ingest.csv': pattern,
+                  **{**EASY, **QUICK_EXPORT, 'ingest.dsn': None, 'ingest.csv': pattern,
                      'evaluate.max_regression': 0.05, 'model.warm_start_stages': short,
                      'model.feature_views': 1, 'model.warm_start': 'latest_blessed',
                      'model.activation_cache_mb': 0, 'model.photo_cache_mb': 0,
