@@ -2,7 +2,9 @@
 gs:// and other schemes, so commands that read and write local files run without TensorFlow."""
 from __future__ import annotations
 
+import glob as _glob
 import os
+from typing import List, Sequence
 
 
 def remote(path: str) -> bool:
@@ -39,3 +41,16 @@ def open_write(path: str, mode: str = 'w'):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.GFile(path, mode)
   return open(path, mode)
+
+
+def expand(patterns: Sequence[str]) -> List[str]:
+  """The files of TFX file patterns (`.../Split-train/*`) or directories, sorted."""
+  out: List[str] = []
+  for p in patterns:
+    pattern = p if any(c in p for c in '*?[') else os.path.join(p, '*')
+    if remote(pattern):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      out.extend(tf.io.gfile.glob(pattern))
+    else:
+      out.extend(_glob.glob(pattern))
+  return sorted(out)

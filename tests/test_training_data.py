@@ -123,3 +123,16 @@ def test_activations_over_the_budget_go_to_disk_and_train_the_same(records, tmp_
     np.testing.assert_allclose(a, b, atol=1e-6)
   store.cleanup()
   assert not os.path.exists(tmp_path / 'spill')
+
+
+def test_representative_photos_are_the_served_pixels_of_the_split_files(records):
+  """The export's calibration/ranking photos: the files of a TFX pattern or directory, each
+  photo decoded as served (components/images.py), in file order."""
+  from components import images
+  from components.trainer import export
+  files, photos = records
+  folder = os.path.dirname(files[0])
+  assert task._files([folder]) == task._files([os.path.join(folder, '*')]) == files  # pylint: disable=protected-access
+  rep = export.representative_pixels([folder], _spec(), SIZE, 3)
+  assert rep.shape == (3, SIZE, SIZE, 3)
+  np.testing.assert_array_equal(rep[0], images.contract_pixels(open(photos[0], 'rb').read(), SIZE))

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from components import features as F
+from components import files as files_lib
 from components import images
 from components import names
 from components.trainer import model as M
@@ -127,8 +128,7 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
 
 def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:
   """The first `n` photos of a split, preprocessed exactly as at serving time."""
-  from components.trainer import task  # pylint: disable=g-import-not-at-top
-  files = task._files(patterns)  # pylint: disable=protected-access
+  files = files_lib.expand(patterns)
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP').take(n)
   out = []
   for s in ds:

@@ -20,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from components import features as F
+from components import files as files_lib
 from components import images
 from components import names
 from components.trainer import model as M
@@ -27,10 +28,7 @@ from components.trainer import export
 
 
 def _files(patterns: List[str]) -> List[str]:
-  out = []
-  for p in patterns:
-    out.extend(tf.io.gfile.glob(p if any(c in p for c in '*?[') else os.path.join(p, '*')))
-  return sorted(out)
+  return files_lib.expand(patterns)
 
 
 def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[str, List[str]]:
