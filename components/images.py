@@ -134,8 +134,8 @@ def decode_tf(jpeg, size: int):
   """The contract in a graph: JPEG bytes -> uint8 [size, size, 3] (== contract_pixels for
   the upright JPEGs that ingestion stores)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  img = tf.io.decode_jpeg(jpeg, channels=3, dct_method=DCT_METHOD)
-  return to_uint8(tf.image.resize(img, (size, size), method='bilinear', antialias=False))
+  return to_uint8(tf.image.resize(decode_full_tf(jpeg), (size, size), method='bilinear',
+                                  antialias=False))
 
 
 def decode_full_tf(jpeg):

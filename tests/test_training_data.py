@@ -128,11 +128,12 @@ def test_activations_over_the_budget_go_to_disk_and_train_the_same(records, tmp_
 def test_representative_photos_are_the_served_pixels_of_the_split_files(records):
   """The export's calibration/ranking photos: the files of a TFX pattern or directory, each
   photo decoded as served (components/images.py), in file order."""
+  from components import files as files_lib
   from components import images
   from components.trainer import export
   files, photos = records
   folder = os.path.dirname(files[0])
-  assert task._files([folder]) == task._files([os.path.join(folder, '*')]) == files  # pylint: disable=protected-access
+  assert files_lib.expand([folder]) == files_lib.expand([os.path.join(folder, '*')]) == files
   rep = export.representative_pixels([folder], _spec(), SIZE, 3)
   assert rep.shape == (3, SIZE, SIZE, 3)
   np.testing.assert_array_equal(rep[0], images.contract_pixels(open(photos[0], 'rb').read(), SIZE))

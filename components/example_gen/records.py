@@ -144,10 +144,8 @@ def validate_image(data: bytes, max_pixels: int) -> Tuple[Optional[str], str, in
   if not data:
     return EMPTY, 'zero-byte body', 0, 0
   if not data.startswith(JPEG_MAGIC):
-    head = data[:8]
-    kind = ('png' if head.startswith(b'\x89PNG') else 'html' if data.lstrip()[:1] == b'<'
-            else 'gif' if head.startswith(b'GIF8') else 'unknown')
-    return NOT_JPEG, f'content starts with {head!r} ({kind})', 0, 0
+    from components import images  # pylint: disable=g-import-not-at-top
+    return NOT_JPEG, f'content starts with {data[:8]!r} ({images.sniff(data)})', 0, 0
   try:
     with Image.open(io.BytesIO(data)) as img:
       width, height = img.size

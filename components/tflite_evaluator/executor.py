@@ -47,10 +47,17 @@ class _Predict(beam.DoFn):
   def process(self, batch: List[bytes]):
     rows = [tf.train.Example.FromString(b).features.feature for b in batch]
     jpegs = [f['image/encoded'].bytes_list.value[0] for f in rows]
-    q = self.int8.predict_jpegs(jpegs)
-    fl = self.float.predict_jpegs(jpegs)
-    b = self.base.predict_jpegs(jpegs) if self.base else None
-    fast = self.fast.predict_jpegs(jpegs) if self.fast else None
+    pixels = {}  # each photo decoded once per input size, for every TFLite file
+
+    def run(m):
+      if m.size not in pixels:
+        pixels[m.size] = np.stack([serving.pixels(j, m.size) for j in jpegs])
+      return m.predict_pixels(pixels[m.size])
+
+    q = run(self.int8)
+    fl = self.float.predict_jpegs(jpegs)  # the SavedModel decodes in its own graph
+    b = run(self.base) if self.base else None
+    fast = run(self.fast) if self.fast else None
     for i, f in enumerate(rows):
       rec = {'class': f['label/class'].bytes_list.value[0].decode(),
              'ad_id': int(f['ad_id'].int64_list.value[0]),

@@ -27,10 +27,6 @@ from components.trainer import model as M
 from components.trainer import export
 
 
-def _files(patterns: List[str]) -> List[str]:
-  return files_lib.expand(patterns)
-
-
 def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[str, List[str]]:
   """The files the Trainer may open, recorded on its output; a test-split file is refused.
 
@@ -366,7 +362,7 @@ class Training:
     self.n_out = {M.CLASS_OUT: self.n_classes, M.MAKE_OUT: self.n_makes}
     self.spec = self.tft_out.transformed_feature_spec()
     # eval_files are the validation split (Trainer eval_args): what chooses, never what judges.
-    self.train_files, self.eval_files = _files(fn_args.train_files), _files(fn_args.eval_files)
+    self.train_files, self.eval_files = files_lib.expand(fn_args.train_files), files_lib.expand(fn_args.eval_files)
     self.opened = check_inputs(self.train_files, self.eval_files)
     logging.info('classes=%d makes=%d train files=%s', self.n_classes, self.n_makes,
                  self.train_files)
