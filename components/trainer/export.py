@@ -184,8 +184,10 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
   def uint8_pixels(pixels):
     return heads(pixels)
 
-  conv = tf.lite.TFLiteConverter.from_concrete_functions(
-      [float_pixels.get_concrete_function()], full)
+  # No trackable object: the converter then freezes the graph instead of first saving `full`
+  # as a SavedModel, which took ~27 s of every conversion on 2 cores (8x; the same outputs on
+  # the test model, BENCHMARKS.md). `full` stays referenced by the functions' closure.
+  conv = tf.lite.TFLiteConverter.from_concrete_functions([float_pixels.get_concrete_function()])
   conv.optimizations = [tf.lite.Optimize.DEFAULT]
 
   def gen():
@@ -219,8 +221,7 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
   n_classes, n_makes = int(heads_out[M.CLASS_OUT].shape[-1]), int(heads_out[M.MAKE_OUT].shape[-1])
   half = None
   if fp16:
-    conv16 = tf.lite.TFLiteConverter.from_concrete_functions(
-        [uint8_pixels.get_concrete_function()], full)
+    conv16 = tf.lite.TFLiteConverter.from_concrete_functions([uint8_pixels.get_concrete_function()])
     conv16.optimizations = [tf.lite.Optimize.DEFAULT]
     conv16.target_spec.supported_types = [tf.float16]
     half = tflite_metadata.class_first(conv16.convert(), n_classes, n_makes)
