@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
+from components import features as F  # noqa: E402
 from components.backbone import efficientnet_lite as el  # noqa: E402
 from components import images  # noqa: E402
 
@@ -26,14 +27,14 @@ def main():
   ap.add_argument('--variants', default='efficientnet_lite2:260,efficientnet_lite0:224')
   args = ap.parse_args()
   files = sorted(glob.glob(os.path.join(args.examples, '*')))
-  spec = {'image/encoded': tf.io.FixedLenFeature([], tf.string)}
+  spec = {F.IMAGE: tf.io.FixedLenFeature([], tf.string)}
   out = {}
   for item in args.variants.split(','):
     variant, size = item.split(':')
     size = int(size)
     base = el.pretrained(variant, (size, size, 3))
     ds = (tf.data.TFRecordDataset(files, compression_type='GZIP').take(512)
-          .map(lambda s: tf.io.parse_single_example(s, spec)['image/encoded'])
+          .map(lambda s: tf.io.parse_single_example(s, spec)[F.IMAGE])
           .map(lambda j, size=size: images.decode_tf(j, size), num_parallel_calls=4).batch(64).prefetch(2))
     f = tf.function(lambda x, base=base: base(el.normalise(x), training=False))
     for x in ds.take(1):

@@ -1,11 +1,14 @@
 """Feature and split names shared by ingestion, Transform, Trainer and serving (one place to change)."""
 IMAGE = 'image/encoded'
+FORMAT = 'image/format'
 HEIGHT = 'image/height'
 WIDTH = 'image/width'
 BBOX = ('image/object/bbox/ymin', 'image/object/bbox/xmin',
         'image/object/bbox/ymax', 'image/object/bbox/xmax')
 BBOX_KNOWN = 'image/object/bbox/known'
 LABELS = ('make', 'model', 'submodel', 'class')
+AD_ID = 'ad_id'      # the split key (hash buckets) and the per-ad aggregation key
+P_HASH = 'p_hash'    # the photo's name on the photo host
 
 
 def raw_label(name: str) -> str:

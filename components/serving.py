@@ -121,18 +121,19 @@ class SavedModel:
                            for p in batch]) if len(batch) else np.zeros((0, len(self.labels)))
 
 
-def load(path: str, kind: str = 'auto'):
+def load(path: str, kind: str = 'auto', threads: Optional[int] = None):
   """A .tflite file, a pushed version dir, or a Trainer model dir.
 
   kind 'auto'/'tflite': the int8 TFLite (what ships) found at <path>/model.tflite or
   <path>/tflite/model.tflite; 'savedmodel': the float SavedModel (<path> or <path>/saved_model).
+  `threads`: the TFLite interpreter's (None: LiteRT's default).
   """
   if path.endswith('.tflite'):
-    return TFLiteModel(path)
+    return TFLiteModel(path, threads=threads)
   if kind in ('auto', 'tflite'):
     for cand in (os.path.join(path, INT8), os.path.join(path, TFLITE_DIR, INT8)):
       if files.exists(cand):
-        return TFLiteModel(cand)
+        return TFLiteModel(cand, threads=threads)
   if kind in ('auto', 'savedmodel'):
     for cand in (path, os.path.join(path, PUSHED_SAVED_MODEL)):
       if files.exists(os.path.join(cand, 'saved_model.pb')):

@@ -11,7 +11,7 @@ from components import features as F
 
 def preprocessing_fn(inputs):
   outputs = {F.IMAGE: inputs[F.IMAGE]}
-  for key in F.BBOX + (F.BBOX_KNOWN, 'ad_id', 'p_hash'):
+  for key in F.BBOX + (F.BBOX_KNOWN, F.AD_ID, F.P_HASH):
     outputs[key] = inputs[key]
   for name in F.LABELS:
     raw = inputs[F.raw_label(name)]

@@ -180,7 +180,7 @@ def cmd_predict(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   max_pixels = cfg.ingest.max_pixels
-  model = serving.load(args.model, args.kind)
+  model = serving.load(args.model, args.kind, threads=args.threads)
   # class / make / not sure: --flags, else numbers in serve.*, else the model's serve.json
   saved = serving.serve_of(args.model)
   limits = scoring.thresholds(cfg.serve, saved)
@@ -280,7 +280,7 @@ def cmd_evaluate(args) -> int:
   from components.example_gen import records  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   rows = read_labels_csv(args.data)  # checked before the model loads or any photo is scored
-  model = serving.load(args.model, args.kind)
+  model = serving.load(args.model, args.kind, threads=args.threads)
   # The pipeline's split of this data set (hash of ad_id, ratios from --config).
   if args.split != 'all':
     rows = [r for r in rows if records.split_for(int(r['ad_id']), cfg.ingest.splits) == args.split]
@@ -481,6 +481,8 @@ def main(argv=None) -> int:
   p.add_argument('--model', default=SHIPPED_MODEL,
                  help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
+  p.add_argument('--threads', type=_positive_int, default=os.cpu_count() or 1,
+                 help='TFLite interpreter threads (default: every core, %(default)s here)')
   p.add_argument('images', nargs='+')
   p.add_argument('--top-k', type=_positive_int, default=5)
   p.add_argument('--ad', action='store_true', help='the photos are one ad: one aggregated answer')
@@ -491,6 +493,8 @@ def main(argv=None) -> int:
   common(p)
   p.add_argument('--model', default=SHIPPED_MODEL, help='as for predict (default: models/car_ads)')
   p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
+  p.add_argument('--threads', type=_positive_int, default=os.cpu_count() or 1,
+                 help='TFLite interpreter threads (default: every core, %(default)s here)')
   p.add_argument('--data', required=True, help='a directory with labels.csv and images/')
   p.add_argument('--report', help='write report.html + report.png into this directory')
   p.add_argument('--split', default='all', choices=['all', 'train', 'validation', 'test'],

@@ -1,6 +1,7 @@
 """Launching the pipeline on the direct runner (what it did: pipeline/summary.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Dict, Optional
@@ -40,7 +41,29 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None) -> None:
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
   card = card if card is not None else card_extras()
-  BeamDagRunner().run(create_pipeline(cfg, started(card)))
+  with private_tmpdir():
+    BeamDagRunner().run(create_pipeline(cfg, started(card)))
+
+
+@contextlib.contextmanager
+def private_tmpdir():
+  """TMPDIR for one run, removed after it. Each Beam component leaves an sdist of TFX there
+  (tfx's dependency_utils repackages its own installation, 52 MB a time, and never deletes
+  it): 7 GB of them had piled up in one environment's /tmp."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  before, cached = os.environ.get('TMPDIR'), tempfile.tempdir
+  tmp = tempfile.mkdtemp(prefix='carvision-run-')
+  os.environ['TMPDIR'], tempfile.tempdir = tmp, None  # workers started from here inherit it
+  try:
+    yield tmp
+  finally:
+    if before is None:
+      os.environ.pop('TMPDIR', None)
+    else:
+      os.environ['TMPDIR'] = before
+    tempfile.tempdir = cached
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def started(card: Dict[str, Any]) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from components import features as F
 from components import names
 
 # Dead-letter reasons (also the Beam counter names, prefixed `dead_letter_`).
@@ -186,22 +187,22 @@ def to_example(row: Row, data: bytes, width: int, height: int):
     known = 1 if (x2 > x1 and y2 > y1) else 0
     if not known:
       x1, y1, x2, y2 = 0.0, 0.0, 1.0, 1.0
+  ymin, xmin, ymax, xmax = F.BBOX
   feats = {
-      'image/encoded': b([data]),
-      'image/format': b([b'jpeg']),
-      'image/height': i([height]),
-      'image/width': i([width]),
-      'image/object/bbox/xmin': f([x1]),
-      'image/object/bbox/ymin': f([y1]),
-      'image/object/bbox/xmax': f([x2]),
-      'image/object/bbox/ymax': f([y2]),
-      'image/object/bbox/known': i([known]),
-      'label/make': b([row.make.encode()]),
-      'label/model': b([row.model.encode()]),
-      'label/submodel': b([row.submodel.encode()]),
-      'label/class': b([row.label.encode()]),
-      'ad_id': i([int(row.ad_id)]),
-      'p_hash': b([row.p_hash.encode()]),
+      F.IMAGE: b([data]),
+      F.FORMAT: b([b'jpeg']),
+      F.HEIGHT: i([height]),
+      F.WIDTH: i([width]),
+      xmin: f([x1]),
+      ymin: f([y1]),
+      xmax: f([x2]),
+      ymax: f([y2]),
+      F.BBOX_KNOWN: i([known]),
+      **{F.raw_label(k): b([v.encode()]) for k, v in (
+          ('make', row.make), ('model', row.model), ('submodel', row.submodel),
+          ('class', row.label))},
+      F.AD_ID: i([int(row.ad_id)]),
+      F.P_HASH: b([row.p_hash.encode()]),
   }
   return tf.train.Example(features=tf.train.Features(feature=feats))
 

@@ -19,6 +19,7 @@ from tfx import types
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
+from components import features as F
 from components import names
 from components import report
 from components import scoring
@@ -46,7 +47,7 @@ class _Predict(beam.DoFn):
 
   def process(self, batch: List[bytes]):
     rows = [tf.train.Example.FromString(b).features.feature for b in batch]
-    jpegs = [f['image/encoded'].bytes_list.value[0] for f in rows]
+    jpegs = [f[F.IMAGE].bytes_list.value[0] for f in rows]
     pixels = {}  # each photo decoded once per input size, for every TFLite file
 
     def run(m):
@@ -59,8 +60,8 @@ class _Predict(beam.DoFn):
     b = run(self.base) if self.base else None
     fast = run(self.fast) if self.fast else None
     for i, f in enumerate(rows):
-      rec = {'class': f['label/class'].bytes_list.value[0].decode(),
-             'ad_id': int(f['ad_id'].int64_list.value[0]),
+      rec = {'class': f[F.raw_label('class')].bytes_list.value[0].decode(),
+             'ad_id': int(f[F.AD_ID].int64_list.value[0]),
              'int8': np.round(q[i], 6).tolist(), 'float_top5': np.argsort(-fl[i])[:5].tolist()}
       if b is not None:
         rec['baseline_top1'] = self.base.labels[int(np.argmax(b[i]))]
