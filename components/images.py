@@ -160,7 +160,7 @@ def crop_to_box_tf(img, box, margin: float = 0.05):
   return tf.slice(img, tf.concat([lo_i, [0]], 0), tf.concat([size_i, [-1]], 0))
 
 
-def augment_tf(img, size: int, box=None, crop_prob: float = 0.0, light: bool = False):
+def augment_tf(img, size: int, box=None, crop_prob: float = 0.0, light: bool = False, seed=None):
   """A training view of decoded pixels: random resized crop (area 50-100 %), horizontal
   flip, brightness/contrast/saturation.
 
@@ -168,22 +168,28 @@ def augment_tf(img, size: int, box=None, crop_prob: float = 0.0, light: bool = F
   views is first cropped to the car: tightly framed cars as phone users take them, while
   evaluation and serving keep the whole photo (the contract). `light`: the whole photo and
   a random flip only, as the model is served (FixRes' fine-tune at the serving size).
+  `seed` (int64 [2]): every draw is a stateless function of it, so a view is the same
+  whichever thread of a parallel map makes it (None: a random seed).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if seed is None:
+    seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+  crop_seed, bbox_seed, flip_seed, bright_seed, contrast_seed, sat_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 6))
   if light:
     img = tf.image.resize(img, (size, size), method='bilinear')
-    return to_uint8(tf.image.random_flip_left_right(img))
+    return to_uint8(tf.image.stateless_random_flip_left_right(img, flip_seed))
   if box is not None:
-    img = tf.cond(tf.random.uniform([]) < crop_prob, lambda: crop_to_box_tf(img, box),
-                  lambda: img)
-  begin, crop, _ = tf.image.sample_distorted_bounding_box(
-      tf.shape(img), tf.zeros([1, 0, 4]), min_object_covered=0.0,
+    img = tf.cond(tf.random.stateless_uniform([], crop_seed) < crop_prob,
+                  lambda: crop_to_box_tf(img, box), lambda: img)
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(img), tf.zeros([1, 0, 4]), bbox_seed, min_object_covered=0.0,
       aspect_ratio_range=(0.75, 1.33), area_range=(0.5, 1.0), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   img = tf.slice(img, begin, crop)
   img = tf.image.resize(img, (size, size), method='bilinear')
-  img = tf.image.random_flip_left_right(img)
-  img = tf.image.random_brightness(img, 25.0)
-  img = tf.image.random_contrast(img, 0.8, 1.2)
-  img = tf.image.random_saturation(img, 0.8, 1.2)
+  img = tf.image.stateless_random_flip_left_right(img, flip_seed)
+  img = tf.image.stateless_random_brightness(img, 25.0, bright_seed)
+  img = tf.image.stateless_random_contrast(img, 0.8, 1.2, contrast_seed)
+  img = tf.image.stateless_random_saturation(img, 0.8, 1.2, sat_seed)
   return to_uint8(img)

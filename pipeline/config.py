@@ -135,8 +135,9 @@ class ModelConfig:
   weights: str = 'imagenet'
   image_size: Annotated[int, pydantic.Field(ge=32, le=1024)] = 260
   batch_size: Positive = 32
-  # Python, NumPy and TensorFlow seeds (initial heads, dropout, augmentation, shuffles): the
-  # same clone trains the same way; parallel augmentation on several cores can still vary.
+  # Python, NumPy and TensorFlow seeds (initial heads, dropout, shuffles) and the stateless
+  # augmentation's: the same clone trains the same model. Cached stages do not depend on the
+  # order ExampleGen wrote the records in; streamed end-to-end epochs do (a shuffle buffer).
   seed: NonNegative = 7
   label_smoothing: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.1
   dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3

@@ -137,3 +137,64 @@ def test_representative_photos_are_the_served_pixels_of_the_split_files(records)
   rep = export.representative_pixels([folder], _spec(), SIZE, 3)
   assert rep.shape == (3, SIZE, SIZE, 3)
   np.testing.assert_array_equal(rep[0], images.contract_pixels(open(photos[0], 'rb').read(), SIZE))
+
+
+def _named_records(tmp_path, order):
+  """The 12 fixture photos with their p_hash, written in `order`."""
+  photos = sorted(glob.glob(os.path.join(FIXTURE, '*.jpg')))[:12]
+  os.makedirs(tmp_path / f'named-{order[0]}', exist_ok=True)
+  path = str(tmp_path / f'named-{order[0]}' / 'data.gz')
+  with tf.io.TFRecordWriter(path, options='GZIP') as w:
+    for i in order:
+      p = photos[i]
+      feat = {F.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[open(p, 'rb').read()])),
+              F.P_HASH: tf.train.Feature(bytes_list=tf.train.BytesList(
+                  value=[os.path.basename(p)[:-4].encode()])),
+              F.BBOX_KNOWN: tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+              F.label_id('class'): tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 3])),
+              F.label_id('make'): tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2]))}
+      for k in F.BBOX:
+        feat[k] = tf.train.Feature(float_list=tf.train.FloatList(value=[0.0]))
+      w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
+  return [path]
+
+
+def test_training_views_and_batches_do_not_depend_on_record_order(tmp_path):
+  """The same clone trains the same model: a photo's augmented view is a function of the seed,
+  the view number and its p_hash (not of the thread or the record's position), cached rows are
+  batched in an order fixed by their keys, and the export's calibration photos are chosen by
+  hash: ExampleGen writing the records in another order changes none of them."""
+  from components.trainer import export
+  spec = dict(_spec(), **{F.P_HASH: tf.io.FixedLenFeature([], tf.string)})
+  forward, backward = _named_records(tmp_path, list(range(12))), _named_records(tmp_path, list(range(11, -1, -1)))
+
+  def views(files, view):
+    ds = task.dataset(files, spec, 64, 5, 3, 2, training=True, view=view, keyed=True)
+    out = {}
+    for x, y in ds:
+      out.update({int(k): img for k, img in zip(y['key'].numpy(), x.numpy())})
+    return out
+
+  a, b, again = views(forward, 1), views(backward, 1), views(forward, 1)
+  assert len(a) == 12 and a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(a[k], again[k])
+  other = views(forward, 2)  # another view of the same photos: other crops
+  assert sum(not np.array_equal(a[k], other[k + 1]) for k in a) >= 10  # key: photo * 64 + view
+  # cached rows stored in two orders: the same batches
+  keys = np.array(sorted(a))
+  rows = np.stack([a[k] for k in keys]).reshape(12, -1)[:, :8].astype(np.float16)
+  y = {M.CLASS_OUT: np.arange(12) % 3, M.MAKE_OUT: np.arange(12) % 2}
+  n_out = {M.CLASS_OUT: 3, M.MAKE_OUT: 2}
+  perm = np.random.default_rng(1).permutation(12)
+  one = task.ArrayBatches(rows, y, 5, n_out, shuffle=True, seed=3, keys=keys)
+  two = task.ArrayBatches(rows[perm], {k: v[perm] for k, v in y.items()}, 5, n_out, shuffle=True,
+                          seed=3, keys=keys[perm])
+  for i in range(len(one)):
+    np.testing.assert_array_equal(one[i][0], two[i][0])
+    np.testing.assert_array_equal(one[i][1][M.CLASS_OUT], two[i][1][M.CLASS_OUT])
+  # the export's calibration photos
+  folders = [[os.path.dirname(f[0])] for f in (forward, backward)]
+  np.testing.assert_array_equal(export.representative_pixels(folders[0], spec, 32, 4),
+                                export.representative_pixels(folders[1], spec, 32, 4))

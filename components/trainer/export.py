@@ -127,11 +127,23 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
 
 
 def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) -> np.ndarray:
-  """The first `n` photos of a split, preprocessed exactly as at serving time."""
+  """`n` photos of a split, preprocessed exactly as at serving time: the n with the smallest
+  SHA-256 of their p_hash when the spec has it (the same photos whatever order ExampleGen
+  wrote the records in), else the first n."""
   files = files_lib.expand(patterns)
-  ds = tf.data.TFRecordDataset(files, compression_type='GZIP').take(n)
+  ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
+  if F.P_HASH in spec:
+    import hashlib  # pylint: disable=g-import-not-at-top
+    import heapq  # pylint: disable=g-import-not-at-top
+    name = {F.P_HASH: spec[F.P_HASH]}
+    chosen = heapq.nsmallest(n, ((hashlib.sha256(tf.reshape(
+        tf.io.parse_single_example(s, name)[F.P_HASH], [-1])[0].numpy()).digest(), s.numpy())
+                                 for s in ds), key=lambda hs: hs[0])
+    records = [s for _, s in chosen]
+  else:
+    records = [s.numpy() for s in ds.take(n)]
   out = []
-  for s in ds:
+  for s in records:
     f = tf.io.parse_single_example(s, spec)
     out.append(images.decode_tf(tf.reshape(f[F.IMAGE], [-1])[0], size).numpy())
   return np.stack(out)

@@ -48,7 +48,8 @@ def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[st
 
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
             training: bool, repeat: bool = False, crop_prob: float = 0.0,
-            decoded_size: Optional[int] = None, light: bool = False) -> tf.data.Dataset:
+            decoded_size: Optional[int] = None, light: bool = False, seed: int = 7,
+            view: int = 0, keyed: bool = False) -> tf.data.Dataset:
   """(uint8 photos, one-hot labels) batches of `files`.
 
   `decoded_size`: each photo is decoded once, bilinear-resized to that square (the model
@@ -56,46 +57,61 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   views are then cropped and augmented from the cached pixels every epoch, so JPEG
   decoding stops competing with training. None: decoded from the JPEG every time
   (streamed; bounded memory at any size). Validation is cached the same way.
+
+  Augmentation is stateless: a view is a function of (`seed`, `view`, the photo's p_hash)
+  when each photo passes once (the cached stages' views: the same whatever order
+  ExampleGen wrote the records in), of (`seed`, position in the stream) when repeating
+  (every epoch other views). `keyed`: labels also carry 'key', the photo's hash and view,
+  for an order-independent arrangement of cached activations.
   """
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
   if training and not decoded_size:
-    ds = ds.shuffle(2048, seed=7, reshuffle_each_iteration=True)
+    ds = ds.shuffle(2048, seed=seed, reshuffle_each_iteration=True)
   ds = ds.map(lambda s: tf.io.parse_single_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
   cls_key, make_key = F.label_id('class'), F.label_id('make')
   ds = ds.filter(lambda f: tf.reshape(f[cls_key], [-1])[0] >= 0)
   boxed = training and crop_prob > 0
+  named = F.P_HASH in spec
 
   def fields(f):
     jpeg = tf.reshape(f[F.IMAGE], [-1])[0]
     pixels = images.decode_tf(jpeg, decoded_size) if decoded_size else jpeg
     box = tf.stack([tf.reshape(f[k], [-1])[0] for k in F.BBOX]) if boxed else tf.zeros([4])
     known = tf.reshape(f[F.BBOX_KNOWN], [-1])[0] > 0 if boxed else tf.constant(False)
+    photo = (tf.strings.to_hash_bucket_fast(tf.reshape(f[F.P_HASH], [-1])[0], 2**40)
+             if named else tf.constant(-1, tf.int64))
     return (pixels, box, known, tf.reshape(f[cls_key], [-1])[0],
-            tf.reshape(f[make_key], [-1])[0])
+            tf.reshape(f[make_key], [-1])[0], photo)
 
   ds = ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE)
   if decoded_size:
     ds = ds.cache()
     if training:
-      ds = ds.shuffle(1024, seed=7, reshuffle_each_iteration=True)
+      ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
 
-  def to_xy(pixels, box, known, cls, make):
+  def to_xy(position, elem):
+    pixels, box, known, cls, make, photo = elem
     if training:
       img = pixels if decoded_size else images.decode_full_tf(pixels)
+      unit = photo if (named and not repeat) else position
       img = images.augment_tf(img, size, box=box if boxed else None,
                               crop_prob=tf.where(known, crop_prob, 0.0) if boxed else 0.0,
-                              light=light)
+                              light=light, seed=tf.stack([tf.constant(seed * 64 + view, tf.int64),
+                                                          unit]))
     elif not decoded_size:
       img = images.decode_tf(pixels, size)
     elif decoded_size != size:
       img = images.to_uint8(tf.image.resize(pixels, (size, size), method='bilinear'))
     else:
       img = pixels
-    return img, {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
+    y = {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
+    if keyed:
+      y['key'] = (photo if named else position) * 64 + view
+    return img, y
 
-  ds = ds.map(to_xy, num_parallel_calls=tf.data.AUTOTUNE)
-  if repeat:
-    ds = ds.repeat()
+  ds = ds.enumerate().map(to_xy, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
@@ -138,7 +154,7 @@ def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16, b
   array the store allocates (memory or a disk memmap) instead of being concatenated.
   """
   f = tf.function(lambda x: lower(M.normalise(backbone, x), training=False))
-  feats, cls, make = [], [], []
+  feats, cls, make, keys = [], [], [], []
   out, n = None, 0
   for x, y in ds:
     a = f(x).numpy().astype(dtype)
@@ -151,29 +167,40 @@ def cached_features(lower: keras.Model, ds: tf.data.Dataset, dtype=np.float16, b
       feats.append(a)
     cls.append(np.argmax(y[M.CLASS_OUT].numpy(), -1).astype(np.int32))
     make.append(np.argmax(y[M.MAKE_OUT].numpy(), -1).astype(np.int32))
+    if 'key' in y:
+      keys.append(y['key'].numpy())
   if not cls:
     raise ValueError('no examples with a known label')
   x_all = out[:n] if out is not None else np.concatenate(feats)
-  return x_all, {M.CLASS_OUT: np.concatenate(cls), M.MAKE_OUT: np.concatenate(make)}
+  labels = {M.CLASS_OUT: np.concatenate(cls), M.MAKE_OUT: np.concatenate(make)}
+  if keys:  # the dataset was keyed: each row's photo and view (ArrayBatches' canonical order)
+    labels['key'] = np.concatenate(keys)
+  return x_all, labels
 
 
 class ArrayBatches(keras.utils.Sequence):
-  """Shuffled float32 batches from a float16 array, with one-hot (smoothable) labels."""
+  """Shuffled float32 batches from a float16 array, with one-hot (smoothable) labels.
+  With `keys` (one per row, e.g. photo and view) the shuffle starts from the rows sorted by
+  key: the batches are the same whatever order the rows were stored in."""
 
-  def __init__(self, x, y, batch, n_out, shuffle, seed=7):
+  def __init__(self, x, y, batch, n_out, shuffle, seed=7, keys=None):
     super().__init__()
-    self.x, self.y, self.batch, self.n_out, self.shuffle = x, y, batch, n_out, shuffle
+    self.x, self.batch, self.n_out, self.shuffle = x, batch, n_out, shuffle
+    self.y = {k: v for k, v in y.items() if k in n_out}
     self.rng = np.random.default_rng(seed)
-    self.order = np.arange(len(x))
+    self.order = np.arange(len(x)) if keys is None else np.argsort(keys, kind='stable')
     self.on_epoch_end()
 
   def __len__(self):
     return -(-len(self.x) // self.batch)
 
   def __getitem__(self, i):
-    idx = np.sort(self.order[i * self.batch:(i + 1) * self.batch])
+    idx = self.order[i * self.batch:(i + 1) * self.batch]
+    ascending = np.argsort(idx)
+    rows = np.empty((len(idx),) + self.x.shape[1:], np.float32)
+    rows[ascending] = self.x[idx[ascending]]  # a memmap is read in file order, batched in ours
     ys = {k: np.eye(self.n_out[k], dtype=np.float32)[v[idx]] for k, v in self.y.items()}
-    return self.x[idx].astype(np.float32), ys
+    return rows, ys
 
   def on_epoch_end(self):
     if self.shuffle:
@@ -383,10 +410,12 @@ class Training:
 
   # --- data ---------------------------------------------------------------------------
 
-  def data(self, files, training, repeat=False, at=None, light=False, cached=False):
+  def data(self, files, training, repeat=False, at=None, light=False, cached=False, view=0,
+           keyed=False):
     return dataset(files, self.spec, at or self.size, self.batch, self.n_classes, self.n_makes,
                    training=training, repeat=repeat, crop_prob=self.mc.bbox_crop_prob,
-                   decoded_size=self.size if cached else None, light=light)
+                   decoded_size=self.size if cached else None, light=light, seed=self.mc.seed,
+                   view=view, keyed=keyed)
 
   def start(self) -> None:
     """Counts the splits, sizes the photo cache, warm-starts when configured."""
@@ -431,9 +460,9 @@ class Training:
     else:
       self.lower = self.base
     views = self.mc.feature_views
-    chained = self.data(self.train_files, False)
-    for _ in range(views - 1):
-      chained = chained.concatenate(self.data(self.train_files, True))
+    chained = self.data(self.train_files, False, keyed=True)
+    for v in range(1, views):
+      chained = chained.concatenate(self.data(self.train_files, True, view=v, keyed=True))
     store = ActivationStore(self.mc.activation_cache_mb)
     xtr, ytr = cached_features(self.lower, chained, backbone=backbone,
                                count=self.n_train * views, store=store)
@@ -474,7 +503,8 @@ class Training:
   def fit_heads(self, stage):
     """Frozen network: the heads alone on pooled activations (linear probe)."""
     xtr, ytr, xev, yev = self._pooled()
-    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True)
+    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
+                         keys=ytr.get('key'))
     steps = len(train) * stage.epochs
     _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     return self.head.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
@@ -487,7 +517,8 @@ class Training:
     self.cache.pop('pooled', None)  # the upper part changes: pooled features go stale
     inp = keras.Input(xtr.shape[1:], name='activations')
     top = keras.Model(inp, M.named(self.head(self.upper(inp))), name='top')
-    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True)
+    train = ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
+                         keys=ytr.get('key'))
     steps = len(train) * stage.epochs
     _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     h = top.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
