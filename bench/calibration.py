@@ -18,26 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from components import calibration, serving  # noqa: E402
+from components import calibration, evaluation, serving  # noqa: E402
 from components.example_gen import records  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 
 def _answers(model, rows, data_dir, max_pixels):
-  probs, truth = [], []
+  """Probabilities and class indices of the usable photos of classes the model knows."""
+  probs, usable, _ = evaluation.predict_folder(model, data_dir, rows, max_pixels)
   index = {l: i for i, l in enumerate(model.labels)}
-  for r in rows:
-    label = records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
-    if r.get('is_car', 'true') != 'true' or label not in index:
-      continue
-    pixels, error = cli.load_photo(os.path.join(data_dir, 'images', r['p_hash'] + '.jpg'),
-                                   model.size, max_pixels)
-    if error:
-      continue
-    probs.append(model.predict_pixels(pixels[None])[0])
-    truth.append(index[label])
-  return np.stack(probs), np.array(truth)
+  keep = [i for i, r in enumerate(usable) if evaluation.truth(r) in index]
+  return probs[keep], np.array([index[evaluation.truth(usable[i])] for i in keep])
 
 
 def main():
@@ -51,9 +43,8 @@ def main():
   a = ap.parse_args()
   cfg = config_lib.load(a.config)
   model = serving.load(a.model)
-  rows = cli.read_labels_csv(a.data)
-  by_split = {s: [r for r in rows if records.split_for(int(r['ad_id']), cfg.ingest.splits) == s]
-              for s in ('validation', 'test')}
+  rows = evaluation.read_labels(a.data)
+  by_split = {s: evaluation.in_split(rows, s, cfg.ingest.splits) for s in ('validation', 'test')}
   if a.fit_on == 'half-of-test':
     half = lambda r: records.split_for(int(r['ad_id']), {'fit': 1, 'judge': 1})  # noqa: E731
     by_split = {'validation': [r for r in by_split['test'] if half(r) == 'fit'],

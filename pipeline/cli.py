@@ -241,88 +241,18 @@ def cmd_predict(args) -> int:
   return EXIT_SOME_INPUTS if errors else EXIT_OK
 
 
-LABELS_COLUMNS = ('ad_id', 'p_hash')  # and either `class` or make, model, submodel
-
-
-def read_labels_csv(data_dir: str):
-  """The rows of <data_dir>/labels.csv, after checking the directory, the header and that
-  there is at least one row: a bad file fails before any photo is scored."""
-  import csv  # pylint: disable=g-import-not-at-top
-  path = os.path.join(data_dir, 'labels.csv')
-  if not os.path.isdir(data_dir):
-    raise config_lib.ConfigError(f'--data {data_dir}: no such directory')
-  if not os.path.isfile(path):
-    raise config_lib.ConfigError(f'--data {data_dir}: no labels.csv (columns ad_id, p_hash, '
-                                 'make, model, submodel or class; photos in images/<p_hash>.jpg)')
-  with open(path, newline='', encoding='utf-8', errors='replace') as f:
-    reader = csv.DictReader(f)
-    cols = set(reader.fieldnames or [])
-    missing = [c for c in LABELS_COLUMNS if c not in cols]
-    if 'class' not in cols:
-      missing += [c for c in ('make', 'model', 'submodel') if c not in cols]
-    if missing:
-      raise config_lib.ConfigError(f'{path}: missing columns {missing} (has {sorted(cols)})')
-    rows = list(reader)
-  if not rows:
-    raise config_lib.ConfigError(f'{path}: no rows')
-  for i, r in enumerate(rows, 2):
-    if not str(r.get('ad_id') or '').strip().lstrip('-').isdigit():
-      raise config_lib.ConfigError(f'{path}:{i}: ad_id {r.get("ad_id")!r} is not an integer')
-  return rows
-
-
 def cmd_evaluate(args) -> int:
   """top-1/top-5 per photo and per ad on a data set in the labels.csv + images/ format."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from components import report, scoring, serving  # pylint: disable=g-import-not-at-top
-  from components import images  # pylint: disable=g-import-not-at-top
-  from components.example_gen import records  # pylint: disable=g-import-not-at-top
+  from components import evaluation, report, scoring, serving  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
-  rows = read_labels_csv(args.data)  # checked before the model loads or any photo is scored
+  rows = evaluation.read_labels(args.data)  # checked before the model loads or a photo is scored
   model = serving.load(args.model, args.kind, threads=args.threads)
-  # The pipeline's split of this data set (hash of ad_id, ratios from --config).
-  if args.split != 'all':
-    rows = [r for r in rows if records.split_for(int(r['ad_id']), cfg.ingest.splits) == args.split]
-  usable, skipped, probs = [], {}, []
-
-  def count(reason):
-    skipped[reason] = skipped.get(reason, 0) + 1
-
-  # Each photo decoded once (components/images.py), scored in batches of 16.
-  batch = []
-  for r in tqdm(rows, desc='evaluate', unit='photo', disable=args.json):
-    if args.limit and len(usable) >= args.limit:
-      break
-    path = os.path.join(args.data, 'images', r['p_hash'] + '.jpg')
-    if r.get('is_car', 'true') != 'true':
-      count('non_car')
-      continue
-    if not os.path.exists(path):
-      count('missing_file')
-      continue
-    with open(path, 'rb') as f:
-      data = f.read()
-    try:
-      batch.append(images.contract_pixels(data, model.size, cfg.ingest.max_pixels))
-    except images.PhotoError as e:
-      count(e.reason)
-      continue
-    usable.append((r, path))
-    if len(batch) == 16:
-      probs.append(model.predict_pixels(np.stack(batch)))
-      batch = []
-  if batch:
-    probs.append(model.predict_pixels(np.stack(batch)))
-  probs = np.concatenate(probs) if probs else np.zeros((0, len(model.labels)))
-  truth = [r['class'] if 'class' in r else records.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
-           for r, _ in usable]
-  saved = serving.serve_of(args.model)
-  metrics = scoring.score(probs, model.labels, truth, groups=[r['ad_id'] for r, _ in usable],
-                          answers=scoring.thresholds(cfg.serve, saved))
-  metrics['skipped'] = skipped
-  known = set(model.labels)
-  unknown = sorted({t for t in truth if t not in known})
+  rows = evaluation.in_split(rows, args.split, cfg.ingest.splits)
+  probs, usable, skipped = evaluation.predict_folder(
+      model, args.data, rows, cfg.ingest.max_pixels, limit=args.limit, progress=not args.json)
+  metrics = evaluation.metrics_of(probs, model.labels, usable, skipped, answers=scoring.thresholds(
+      cfg.serve, serving.serve_of(args.model)))
+  unknown = metrics['unknown_class_names']
   metrics['model'] = getattr(model, 'path', args.model)
   ev = cfg.evaluate
   top1_min = ev.top1_min if args.top1_min is None else args.top1_min
