@@ -2,6 +2,9 @@
 ENV := scripts/env.sh
 PYTEST_ARGS ?=
 TESTS ?= tests
+# Test files run on this many pytest-xdist workers, each file's tests in order on one worker
+# (the end-to-end module shares its pipeline runs); 1 runs them in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: env demo test lock clean image vertex-spec
 IMAGE ?= carvision:local
@@ -15,7 +18,7 @@ test: env
 	tests/host/test_env_sh.sh
 	tests/host/test_mediapipe.sh
 	tests/host/test_client_install.sh
-	$(ENV) run 'python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(TESTS)'
+	$(ENV) run 'python -m pytest -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) $(TESTS)'
 
 lock: env
 	$(ENV) lock

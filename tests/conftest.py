@@ -27,6 +27,10 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
   sys.stdout.flush()
   sys.stderr.flush()
+  if hasattr(config, 'workerinput'):  # a pytest-xdist worker: its results still travel to the
+    import atexit                     # controller after this hook, so leave once they have
+    atexit.register(os._exit, _rc)
+    return
   os._exit(_rc)
 
 
