@@ -57,7 +57,7 @@ def main():
     if records.validate_image(data, cfg.ingest.max_pixels)[0] is None:
       jpegs.append(data)
   pix = np.stack([serving.pixels(j, size) for j in jpegs[:args.photos]])
-  base = M.backbone({'backbone': mc.backbone, 'weights': 'imagenet', 'image_size': size})
+  base = M.backbone(mc.backbone, 'imagenet', size)
   full = M.classifier(base, M.heads(int(base.output.shape[-1]), args.classes, args.makes, 0.0),
                       size)
   out = {'machine': platform.machine(), 'cpus': os.cpu_count(), 'backbone': mc.backbone,

@@ -54,7 +54,7 @@ def main():
     xs.append(x.numpy())
     ys.append(np.argmax(y[M.CLASS_OUT].numpy(), axis=1))
   x_eval, y_eval = np.concatenate(xs), np.concatenate(ys)
-  base = M.backbone({'backbone': a.backbone, 'weights': 'none', 'image_size': a.size})
+  base = M.backbone(a.backbone, 'none', a.size)
   full = M.classifier(base, M.heads(int(base.output.shape[-1]), nc, nm, 0.0), a.size)
   full.set_weights(keras.models.load_model(a.model, compile=False).get_weights())
   rep = export.representative_pixels([os.path.join(a.examples, 'Split-train')], spec, a.size,

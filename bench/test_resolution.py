@@ -36,7 +36,7 @@ def main():
   files = sorted(glob.glob(os.path.join(a.examples, 'Split-validation', '*')))
   for size in (int(s) for s in a.sizes.split(',')):
     t = time.time()
-    base = M.backbone({'backbone': a.backbone, 'weights': 'none', 'image_size': size})
+    base = M.backbone(a.backbone, 'none', size)
     full = M.classifier(base, M.heads(int(base.output.shape[-1]), nc, nm, 0.0), size)
     full.set_weights(weights)
     task._compile(full, 1e-4, 0.0)  # pylint: disable=protected-access

@@ -37,9 +37,12 @@ def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
   return tf.map_fn(lambda j: images.decode_tf(j, size), jpegs, fn_output_signature=tf.uint8)
 
 
-def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
-  size = int(cfg['model']['image_size'])
-  views = M.parse_views(cfg['model'].get('serving_views') or ['full'])
+def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
+  """The SavedModel signatures, the TFLite files, labels, serve.json and training.json;
+  `cfg`: the Trainer's typed config (pipeline.config.TrainerConfig)."""
+  mc = cfg.model
+  size = mc.image_size
+  views = M.parse_views(mc.serving_views or ['full'])
   class_labels = labels(tft_out, 'class')
   label_table = tf.constant(class_labels)
   raw_spec = tft_out.raw_feature_spec()
@@ -90,13 +93,13 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
   # so it is ranked on validation photos (never on the test split that the gates judge).
   rep = representative_pixels(fn_args.train_files, spec, size,
-                              int(cfg['model']['tflite_representative_samples']))
+                              mc.tflite_representative_samples)
   debug = representative_pixels(fn_args.eval_files, spec, size, DEBUG_SAMPLES)
-  float_layers = int(cfg['model'].get('tflite_float_layers') or 0)
+  float_layers = mc.tflite_float_layers
   tflite_int8, tflite_fp16, kept_float = to_tflite(full, size, rep, views,
                                                    float_layers=float_layers, debug=debug)
   blobs = {'int8': tflite_int8, 'fp16': tflite_fp16}
-  fast = cfg['model'].get('fast_file', True) and views != ['full']
+  fast = mc.fast_file and views != ['full']
   if fast:  # one backbone pass instead of len(views): the app's fast choice
     blobs['fast'], _, kept_fast = to_tflite(full, size, rep, ['full'], float_layers=float_layers,
                                             debug=debug, fp16=False)
@@ -111,18 +114,18 @@ def export_all(full, tft_out, fn_args, cfg: Dict, history: Dict) -> None:
   for kind, blob in blobs.items():
     described[kind] = tflite_metadata.embed(
         blob, class_labels, make_labels=labels(tft_out, 'make'),
-        name=f"carvision {cfg['model']['backbone']} ({kind})",
+        name=f"carvision {mc.backbone} ({kind})",
         description=('Car make|model|submodel from one photo. Input: the whole RGB photo '
                      f'bilinear-resized to {size}x{size}, uint8 0-255. Outputs: calibrated '
                      'probabilities of the classes (labels.txt order) and of the makes '
                      '(make_labels.txt order).'),
-        version=version, license_text=cfg.get('license') or '')
+        version=version, license_text=cfg.license)
   for kind, name in (('int8', names.INT8), ('fp16', names.FP16), ('fast', names.FAST)):
     if kind in described:
       with tf.io.gfile.GFile(os.path.join(tdir, name), 'wb') as f:
         f.write(described[kind])
   with tf.io.gfile.GFile(os.path.join(tdir, names.TRAINING_JSON), 'w') as f:
-    json.dump({'config': cfg, 'history': history, 'labels': len(class_labels),
+    json.dump({'config': cfg.as_dict(), 'history': history, 'labels': len(class_labels),
                'exported_at': version}, f, indent=1)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
@@ -19,23 +19,23 @@ def raw_pixel_input(name: str) -> bool:
   return name in tf_checkpoint.VARIANTS
 
 
-def backbone(cfg_model) -> keras.Model:
-  size = int(cfg_model['image_size'])
-  if raw_pixel_input(cfg_model['backbone']):
+def backbone(name: str, weights: Optional[str], size: int) -> keras.Model:
+  """The ImageNet (or untrained, weights 'none') network `name`; model.backbone/weights/image_size."""
+  if raw_pixel_input(name):
     from components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
-    if cfg_model['weights'] in (None, 'none'):
-      return tf_checkpoint.build(cfg_model['backbone'], (size, size, 3))
-    if cfg_model['weights'] == 'imagenet':
-      raise ValueError(f"{cfg_model['backbone']}: set model.weights to an official TF EfficientNet "
+    if weights in (None, 'none'):
+      return tf_checkpoint.build(name, (size, size, 3))
+    if weights == 'imagenet':
+      raise ValueError(f"{name}: set model.weights to an official TF EfficientNet "
                        'checkpoint path (e.g. noisy-student .../model.ckpt); nothing is downloaded')
-    return tf_checkpoint.pretrained(cfg_model['backbone'], cfg_model['weights'], (size, size, 3))
+    return tf_checkpoint.pretrained(name, weights, (size, size, 3))
   # Any input size (fully convolutional): stages may train at a lower size than the one
   # served (FixRes); exported files fix the serving size in their signatures.
-  if cfg_model['weights'] == 'imagenet':
-    return el.pretrained(cfg_model['backbone'], (None, None, 3))
-  if cfg_model['weights'] in (None, 'none'):
-    return el.build(cfg_model['backbone'], (None, None, 3))
-  raise ValueError(f"model.weights must be 'imagenet' or 'none', got {cfg_model['weights']!r}")
+  if weights == 'imagenet':
+    return el.pretrained(name, (None, None, 3))
+  if weights in (None, 'none'):
+    return el.build(name, (None, None, 3))
+  raise ValueError(f"model.weights must be 'imagenet' or 'none', got {weights!r}")
 
 
 def heads(n_features: int, n_classes: int, n_makes: int, dropout: float) -> keras.Model:

@@ -8,7 +8,6 @@ the validation split (TFX `eval_args`); the test split never reaches the Trainer
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Dict, List, Optional
@@ -326,16 +325,17 @@ def calibrate(full: keras.Model, probs: Dict, truth: Dict) -> Dict:
   return {'split': 'validation', **record}, calibrated
 
 
-def serve_thresholds(serve_cfg: Dict, probs: np.ndarray, truth: np.ndarray,
+def serve_thresholds(serve_cfg, probs: np.ndarray, truth: np.ndarray,
                      labels: List[str]) -> Dict:
   """The class / make thresholds of the decision: configured numbers, else chosen on the
-  validation split for `serve.target_precision` (components/decision)."""
+  validation split for `serve.target_precision` (components/decision); `serve_cfg`: the typed
+  pipeline.config.ServeConfig."""
   from components import decision  # pylint: disable=g-import-not-at-top
-  target = float(serve_cfg.get('target_precision', 0.95))
+  target = float(serve_cfg.target_precision)
   chosen = decision.choose_thresholds(probs, labels, truth, target)
   out = {'target_precision': target, 'validation_photos': chosen['photos'], 'chosen_on': {}}
   for key in ('class_min_confidence', 'make_min_confidence'):
-    fixed = serve_cfg.get(key)
+    fixed = getattr(serve_cfg, key)
     out[key] = float(fixed) if fixed is not None else chosen[key]
     out['chosen_on'][key] = 'config' if fixed is not None else 'validation'
   out['validation'] = decision.evaluate(probs, labels, truth, out['class_min_confidence'],
@@ -393,7 +393,7 @@ class Training:
     self.opened = check_inputs(self.train_files, self.eval_files)
     logging.info('classes=%d makes=%d train files=%s', self.n_classes, self.n_makes,
                  self.train_files)
-    self.base = M.backbone(dataclasses.asdict(self.mc))
+    self.base = M.backbone(self.mc.backbone, self.mc.weights, self.mc.image_size)
     self.head = M.heads(int(self.base.output.shape[-1]), self.n_classes, self.n_makes,
                         self.mc.dropout)
     self.full = M.classifier(self.base, self.head, self.size)
@@ -590,10 +590,10 @@ class Training:
     if self.mc.calibrate:
       calibrated, probs = calibrate(self.full, probs, truth)
       logging.info('calibration: %s', calibrated)
-    serve = serve_thresholds(dataclasses.asdict(self.cfg.serve), probs[M.CLASS_OUT],
+    serve = serve_thresholds(self.cfg.serve, probs[M.CLASS_OUT],
                              truth[M.CLASS_OUT], export.labels(self.tft_out, 'class'))
     logging.info('decision thresholds: %s', serve)
-    export.export_all(self.full, self.tft_out, self.fn_args, self.cfg.as_dict(), history={
+    export.export_all(self.full, self.tft_out, self.fn_args, self.cfg, history={
         'stages': self.history, 'validation': final, 'warm_start': self.started_from,
         'inputs': self.opened, 'calibration': calibrated, 'serve': serve,
         'train_seconds': time.time() - self.t0})
