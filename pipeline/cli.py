@@ -364,6 +364,13 @@ def main(argv=None) -> int:
     p.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='override a config value, e.g. --set evaluate.top1_min=0.9')
 
+  def model_options(p):  # predict and evaluate: which model, which file kind, how many threads
+    p.add_argument('--model', default=SHIPPED_MODEL,
+                   help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
+    p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
+    p.add_argument('--threads', type=_positive_int, default=os.cpu_count() or 1,
+                   help='TFLite interpreter threads (default: every core, %(default)s here)')
+
   p = sub.add_parser('demo', help='run the whole pipeline on the embedded sample')
   common(p, 'demo')
   p.add_argument('--data', default=SAMPLE_DIR, help='a data set in the car_ads format')
@@ -408,11 +415,7 @@ def main(argv=None) -> int:
                       "else the model's serve.json)")
   p.add_argument('--make-min-confidence', type=_fraction,
                  help='else answer the make from this confidence; else "not sure"')
-  p.add_argument('--model', default=SHIPPED_MODEL,
-                 help='a pushed version dir, a .tflite, or a SavedModel (default: models/car_ads)')
-  p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
-  p.add_argument('--threads', type=_positive_int, default=os.cpu_count() or 1,
-                 help='TFLite interpreter threads (default: every core, %(default)s here)')
+  model_options(p)
   p.add_argument('images', nargs='+')
   p.add_argument('--top-k', type=_positive_int, default=5)
   p.add_argument('--ad', action='store_true', help='the photos are one ad: one aggregated answer')
@@ -421,10 +424,7 @@ def main(argv=None) -> int:
 
   p = sub.add_parser('evaluate', help='top-1/top-5 of a model on a labels.csv + images/ data set')
   common(p)
-  p.add_argument('--model', default=SHIPPED_MODEL, help='as for predict (default: models/car_ads)')
-  p.add_argument('--kind', default='auto', choices=['auto', 'tflite', 'savedmodel'])
-  p.add_argument('--threads', type=_positive_int, default=os.cpu_count() or 1,
-                 help='TFLite interpreter threads (default: every core, %(default)s here)')
+  model_options(p)
   p.add_argument('--data', required=True, help='a directory with labels.csv and images/')
   p.add_argument('--report', help='write report.html + report.png into this directory')
   p.add_argument('--split', default='all', choices=['all', 'train', 'validation', 'test'],

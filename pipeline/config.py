@@ -144,7 +144,7 @@ class ModelConfig:
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
   early_stopping_patience: NonNegative = 3
   bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
-  feature_views: Positive = 2
+  feature_views: Annotated[int, pydantic.Field(ge=1, le=64)] = 2  # trainer MAX_VIEWS
   # End-to-end stages decode each training photo once (at model.image_size, uint8) and keep
   # it in memory while the set fits this budget; a bigger set is decoded again every epoch
   # (streamed from the TFRecords), so memory stays bounded at any data set size.

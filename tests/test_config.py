@@ -9,6 +9,7 @@ from pipeline import config
     ({'evaluate.top1_min': 'high'}, "evaluate.top1_min='high': Input should be a valid number"),
     ({'evaluate.top1_min': 1.5}, 'evaluate.top1_min=1.5: Input should be less than or equal to 1'),
     ({'model.batch_size': -4}, 'model.batch_size=-4: Input should be greater than 0'),
+    ({'model.feature_views': 65}, 'model.feature_views=65: Input should be less than or equal to 64'),
     ({'model.backbone': 'resnet50'}, "model.backbone='resnet50': one of efficientnet_lite0"),
     ({'ingest.splits': {'train': 0, 'validation': 0, 'test': 0}}, 'ingest.splits.train=0: a positive'),
     ({'ingest.max_dead_letter_share': -1}, 'ingest.max_dead_letter_share=-1: Input should be greater'),

@@ -139,9 +139,10 @@ def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) ->
     import hashlib  # pylint: disable=g-import-not-at-top
     import heapq  # pylint: disable=g-import-not-at-top
     name = {F.P_HASH: spec[F.P_HASH]}
-    chosen = heapq.nsmallest(n, ((hashlib.sha256(tf.reshape(
-        tf.io.parse_single_example(s, name)[F.P_HASH], [-1])[0].numpy()).digest(), s.numpy())
-                                 for s in ds), key=lambda hs: hs[0])
+    named = ds.map(lambda s: (tf.reshape(tf.io.parse_single_example(s, name)[F.P_HASH], [-1])[0], s),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+    chosen = heapq.nsmallest(n, ((hashlib.sha256(p.numpy()).digest(), s.numpy()) for p, s in named),
+                             key=lambda hs: hs[0])
     records = [s for _, s in chosen]
   else:
     records = [s.numpy() for s in ds.take(n)]

@@ -45,6 +45,9 @@ def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[st
   return dirs
 
 
+MAX_VIEWS = 64  # views of one photo told apart in seeds and keys (model.feature_views <= this)
+
+
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
             training: bool, repeat: bool = False, crop_prob: float = 0.0,
             decoded_size: Optional[int] = None, light: bool = False, seed: int = 7,
@@ -97,8 +100,8 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
       unit = photo if (named and not repeat) else position
       img = images.augment_tf(img, size, box=box if boxed else None,
                               crop_prob=tf.where(known, crop_prob, 0.0) if boxed else 0.0,
-                              light=light, seed=tf.stack([tf.constant(seed * 64 + view, tf.int64),
-                                                          unit]))
+                              light=light, seed=tf.stack([tf.constant(seed, tf.int64),
+                                                          unit * MAX_VIEWS + view]))
     elif not decoded_size:
       img = images.decode_tf(pixels, size)
     elif decoded_size != size:
@@ -107,7 +110,7 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
       img = pixels
     y = {M.CLASS_OUT: tf.one_hot(cls, n_classes), M.MAKE_OUT: tf.one_hot(make, n_makes)}
     if keyed:
-      y['key'] = (photo if named else position) * 64 + view
+      y['key'] = (photo if named else position) * MAX_VIEWS + view
     return img, y
 
   ds = ds.enumerate().map(to_xy, num_parallel_calls=tf.data.AUTOTUNE)
@@ -389,7 +392,8 @@ class Training:
     self.n_out = {M.CLASS_OUT: self.n_classes, M.MAKE_OUT: self.n_makes}
     self.spec = self.tft_out.transformed_feature_spec()
     # eval_files are the validation split (Trainer eval_args): what chooses, never what judges.
-    self.train_files, self.eval_files = files_lib.expand(fn_args.train_files), files_lib.expand(fn_args.eval_files)
+    self.train_files = files_lib.expand(fn_args.train_files)
+    self.eval_files = files_lib.expand(fn_args.eval_files)
     self.opened = check_inputs(self.train_files, self.eval_files)
     logging.info('classes=%d makes=%d train files=%s', self.n_classes, self.n_makes,
                  self.train_files)
