@@ -109,6 +109,7 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'config': extras.get('config', training.get('config')),
       'code_version': extras.get('code_version'),
       'command': extras.get('command'),
+      'machine': extras.get('machine'),
       'timestamps': {'run_started': extras.get('run_started'),
                      'trained': training.get('exported_at'), 'pushed': now.isoformat()},
       'wall_seconds': _since(extras.get('run_started'), now),
