@@ -3,6 +3,7 @@
 needs LiteRT, Pillow and NumPy only."""
 from __future__ import annotations
 
+import collections
 import csv
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -52,6 +53,17 @@ def in_split(rows: Sequence[Dict[str, str]], split: str, splits: Dict[str, int])
   if split == 'all':
     return list(rows)
   return [r for r in rows if records.split_for(int(r[F.AD_ID]), splits) == split]
+
+
+def unseen(rows: Sequence[Dict[str, str]], seen: Optional[Dict[str, set]]
+           ) -> Tuple[List[Dict[str, str]], int]:
+  """(the rows of ads the model neither trained on nor was chosen on, how many were left
+  out): `seen` is the model's seen_ads.json (None: the model does not say, nothing left out)."""
+  if not seen:
+    return list(rows), 0
+  ads = set().union(*seen.values())
+  kept = [r for r in rows if int(r[F.AD_ID]) not in ads]
+  return kept, len(rows) - len(kept)
 
 
 def truth(row: Dict[str, str]) -> str:
@@ -104,5 +116,12 @@ def metrics_of(probs: np.ndarray, labels: List[str], rows: Sequence[Dict[str, st
   m = scoring.score(probs, labels, truths, groups=[r[F.AD_ID] for r in rows], answers=answers)
   m['skipped'] = skipped
   known = set(labels)
-  m['unknown_class_names'] = sorted({t for t in truths if t not in known})
+  unknown = collections.Counter(t for t in truths if t not in known)
+  m['unknown_class_names'] = sorted(unknown)
+  m['unknown_class_photos'] = dict(sorted(unknown.items()))
+  if unknown:  # the photos of classes the model knows, scored apart (unknown ones cannot be right)
+    keep = [i for i, t in enumerate(truths) if t in known]
+    k = scoring.score(probs[keep], labels, [truths[i] for i in keep]) if keep else {}
+    m['known_classes'] = {key: k.get(key) for key in ('examples', 'top1_accuracy',
+                                                      'top5_accuracy', 'make_accuracy')}
   return m

@@ -8,6 +8,7 @@ FAST = 'model_fast.tflite'       # int8, one view (the full photo): the fast cho
 LABELS = 'labels.txt'            # one make|model|submodel per output index
 MAKE_LABELS = 'make_labels.txt'  # one make per index of the make head
 SERVE = 'serve.json'             # thresholds of the class / make / not-sure decision
+SEEN_ADS = 'seen_ads.json'       # the ads whose photos trained (train) or chose (validation) the model
 TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
 MODEL_CARD = 'model_card.json'
 REPORT_HTML = 'report.html'      # the gate's report (and its figures below)

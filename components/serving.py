@@ -20,7 +20,7 @@ import numpy as np
 from components import files
 from components import images
 from components.names import PUSHED_SAVED_MODEL
-from components.names import INT8, LABELS, SERVE, TFLITE_DIR
+from components.names import INT8, LABELS, SEEN_ADS, SERVE, TFLITE_DIR
 
 
 @contextlib.contextmanager
@@ -146,6 +146,18 @@ def read_serve(model_dir: str) -> Optional[Dict]:
   for cand in (os.path.join(model_dir, SERVE), os.path.join(model_dir, TFLITE_DIR, SERVE)):
     if files.exists(cand):
       return json.loads(files.read(cand))
+  return None
+
+
+def seen_ads_of(model_path: str) -> Optional[Dict[str, set]]:
+  """{'train': ad ids, 'validation': ad ids} the model at `model_path` learnt from or was
+  chosen on (seen_ads.json), or None for a model exported without it: figures on these ads
+  say nothing about photos the model has not seen."""
+  where = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+  for d in (where, os.path.join(where, TFLITE_DIR), os.path.dirname(where.rstrip('/'))):
+    cand = os.path.join(d, SEEN_ADS)
+    if files.exists(cand):
+      return {k: set(v) for k, v in json.loads(files.read(cand)).items()}
   return None
 
 

@@ -248,8 +248,17 @@ def cmd_evaluate(args) -> int:
   rows = evaluation.read_labels(args.data)  # checked before the model loads or a photo is scored
   model = serving.load(args.model, args.kind, threads=args.threads)
   rows = evaluation.in_split(rows, args.split, cfg.ingest.splits)
+  seen = None if args.include_seen else serving.seen_ads_of(args.model)
+  rows, n_seen = evaluation.unseen(rows, seen)
+  if not rows:
+    print(f'error: all {n_seen} photos of --data are of ads the model trained on or was chosen '
+          'on (its seen_ads.json): nothing left to judge it on (--include-seen scores them '
+          'anyway)', file=sys.stderr)
+    return EXIT_NOT_BLESSED
   probs, usable, skipped = evaluation.predict_folder(
       model, args.data, rows, cfg.ingest.max_pixels, limit=args.limit, progress=not args.json)
+  if n_seen:
+    skipped['seen_by_model'] = n_seen
   metrics = evaluation.metrics_of(probs, model.labels, usable, skipped, answers=scoring.thresholds(
       cfg.serve, serving.serve_of(args.model)))
   unknown = metrics['unknown_class_names']
@@ -271,8 +280,18 @@ def cmd_evaluate(args) -> int:
     ad = metrics['per_ad']
     print(f"ads {ad['examples']}: top-1 {ad['top1_accuracy']:.4f} top-5 {ad['top5_accuracy']:.4f}")
     if unknown:
+      per = metrics['unknown_class_photos']
+      listed = ', '.join(f'{c} ({per[c]})' for c in unknown[:10])
+      more = f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''
       print(f"note: {metrics['unknown_classes']} photos are of {len(unknown)} classes the model "
-            f"does not know (counted wrong): {', '.join(unknown[:10])}")
+            f"does not know (counted wrong above and in the gate): {listed}{more}")
+      kc = metrics['known_classes']
+      if kc.get('examples'):
+        print(f"photos of classes the model knows {kc['examples']}: top-1 "
+              f"{kc['top1_accuracy']:.4f} top-5 {kc['top5_accuracy']:.4f} make "
+              f"{kc['make_accuracy']:.4f}")
+      else:
+        print('no photo is of a class the model knows')
     ans = metrics.get('answers') or {}
     for level in ('class', 'make'):
       at = (ans.get(level) or {}).get('at_target_precision') or {}
@@ -289,7 +308,7 @@ def cmd_evaluate(args) -> int:
   if not args.json:
     for name, c in checks.items():
       value = 'n/a' if c['value'] is None else f"{c['value']:.4f}"
-      print(f"  {name:<16} {value}  threshold >= {c['threshold']:.2f}  "
+      print(f"  {name:<16} {value}  threshold >= {c['threshold']:g}  "
             f"{'PASS' if c['pass'] else 'FAIL'}" + (f"  ({c['detail']})" if c.get('detail') else ''))
     print('verdict: ' + ('PASS' if passed else 'FAIL'))
   if not args.json:
@@ -298,6 +317,8 @@ def cmd_evaluate(args) -> int:
                                                'make_accuracy', 'per_ad', 'skipped',
                                                'unknown_classes', 'ece', 'answers',
                                                'worst_makes')},
+                    'known_classes': metrics.get('known_classes'),
+                    'unknown_class_photos': metrics.get('unknown_class_photos'),
                     'unknown_class_names': unknown[:50],
                     'checks': checks, 'passed': passed}))
   return EXIT_OK if passed else EXIT_NOT_BLESSED
@@ -431,6 +452,9 @@ def main(argv=None) -> int:
                  help="only the ads the pipeline's split (ingest.splits of --config) puts here; "
                       "use test on a data set the model was trained from")
   p.add_argument('--limit', type=int, help='first N usable photos only')
+  p.add_argument('--include-seen', action='store_true',
+                 help="also score photos of ads the model trained on or was chosen on (its "
+                      "seen_ads.json); left out by default: they cannot judge it")
   p.add_argument('--top1-min', type=_fraction, help='gate (default: evaluate.top1_min of --config)')
   p.add_argument('--top5-min', type=_fraction, help='gate (default: evaluate.top5_min of --config)')
   p.add_argument('--json', action='store_true', help='one JSON line on stdout, no progress bar')

@@ -7,6 +7,8 @@ import sys
 
 from tests.conftest import REPO, TINY
 
+SHIPPED = os.path.join(REPO, 'models', 'car_ads')
+
 
 def _cli(*args, env=None):
   res = subprocess.run([sys.executable, '-m', 'pipeline.cli', *args], cwd=REPO,
@@ -136,6 +138,43 @@ def test_evaluate_exit_code_follows_the_gate():
   assert json.loads(res.stdout.strip().splitlines()[-1])['checks']['top1_accuracy']['threshold'] == 1.0
 
 
+def _model_that_saw(tmp_path, ads):
+  """The shipped TFLite file in a version directory whose seen_ads.json lists `ads`."""
+  import shutil
+  model = tmp_path / 'model'
+  model.mkdir(parents=True)
+  for name in ('model.tflite', 'labels.txt', 'make_labels.txt', 'serve.json'):
+    if os.path.exists(os.path.join(SHIPPED, name)):
+      shutil.copy(os.path.join(SHIPPED, name), model)
+  ads = sorted(ads)
+  (model / 'seen_ads.json').write_text(json.dumps({'train': ads[1:], 'validation': ads[:1]}))
+  return str(model)
+
+
+def test_evaluate_leaves_out_the_ads_the_model_saw(tmp_path):
+  """A gate on photos the model trained on passes anything (the embedded sample is part of
+  the data the shipped model learnt from): they are left out, counted, and with nothing left
+  the gate fails (exit 4) instead of passing."""
+  rows = list(csv.DictReader(open(os.path.join(TINY, 'labels.csv'))))
+  ads = {int(r['ad_id']) for r in rows}
+  res = _cli('evaluate', '--model', _model_that_saw(tmp_path / 'all', ads), '--data', TINY,
+             '--top1-min', '0.999', '--limit', '16')
+  _one_line_error(res, 4, 'of ads the model trained on or was chosen on')
+  half = sorted(ads)[::2]
+  n_half = sum(int(r['ad_id']) in set(half) for r in rows)
+  res = _cli('evaluate', '--model', _model_that_saw(tmp_path / 'half', half), '--data', TINY,
+             '--top1-min', '0', '--top5-min', '0', '--json')
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert json.loads(res.stdout)['skipped']['seen_by_model'] == n_half
+  res = _cli('evaluate', '--model', _model_that_saw(tmp_path / 'all2', ads), '--data', TINY,
+             '--top1-min', '0', '--top5-min', '0', '--json', '--include-seen', '--limit', '8')
+  assert res.returncode == 0 and json.loads(res.stdout)['examples'] == 8
+  # a floor the figure misses exits 4 whatever its decimals; the threshold is printed as given
+  res = _cli('evaluate', '--model', _model_that_saw(tmp_path / 'half2', half), '--data', TINY,
+             '--top1-min', '0.999')
+  assert res.returncode == 4 and 'threshold >= 0.999' in res.stdout, res.stdout[-2000:]
+
+
 def test_predict_answers_the_good_photos_and_names_each_bad_one(tmp_path):
   """Formats a phone sends (JPEG, PNG, WebP, rotated by EXIF) are answered alike; the rest
   are one error line each, and the good photos are still answered."""
@@ -218,13 +257,19 @@ def test_evaluate_checks_labels_csv_first_and_names_unknown_classes(tmp_path):
                        extrasaction='ignore')
     w.writeheader()
     w.writerows(good)
-  res = _cli('evaluate', '--data', str(data), '--top1-min', '0', '--top5-min', '0')
+  gate = ('--top1-min', '0', '--top5-min', '0', '--include-seen')
+  res = _cli('evaluate', '--data', str(data), *gate)
   assert res.returncode == 0, res.stderr[-2000:]
-  assert 'classes the model does not know (counted wrong): Tesla|Cybertruck|Pickup 2024' in res.stdout
-  res = _cli('evaluate', '--data', str(data), '--top1-min', '0', '--top5-min', '0', '--json')
+  assert ('1 photos are of 1 classes the model does not know (counted wrong above and in the '
+          'gate): Tesla|Cybertruck|Pickup 2024 (1)') in res.stdout
+  assert 'photos of classes the model knows 3: top-1' in res.stdout  # scored apart
+  res = _cli('evaluate', '--data', str(data), *gate, '--json')
   out = json.loads(res.stdout)
   assert out['examples'] == 4 and out['unknown_classes'] == 1
   assert out['unknown_class_names'] == ['Tesla|Cybertruck|Pickup 2024']
+  assert out['unknown_class_photos'] == {'Tesla|Cybertruck|Pickup 2024': 1}
+  assert out['known_classes']['examples'] == 3
+  assert out['top1_accuracy'] <= 0.75 and out['known_classes']['top1_accuracy'] >= out['top1_accuracy']
   # a broken labels.csv fails at once, naming what is wrong
   (data / 'labels.csv').write_text('ad_id,p_hash,make\n1,abc,BMW\n')
   _one_line_error(_cli('evaluate', '--data', str(data)), 2, "missing columns ['model', 'submodel']")

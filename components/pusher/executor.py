@@ -153,8 +153,9 @@ class Executor(base_executor.BaseExecutor):
     tf.io.gfile.makedirs(partial)
     files = {}
     fast = judged['metrics'].get('fast') or {}
-    for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS, names.SERVE, names.FAST):
-      if name in (names.MAKE_LABELS, names.SERVE) and not tf.io.gfile.exists(
+    for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS, names.SERVE, names.FAST,
+                 names.SEEN_ADS):
+      if name in (names.MAKE_LABELS, names.SERVE, names.SEEN_ADS) and not tf.io.gfile.exists(
           os.path.join(tdir, name)):
         continue  # a model exported before these were written
       if name == names.FAST and not fast.get('passes_floors'):

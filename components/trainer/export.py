@@ -33,6 +33,23 @@ def labels(tft_out, name: str = 'class') -> List[str]:
           for v in tft_out.vocabulary_by_name(F.vocab_name(name))]
 
 
+def ad_ids(patterns: List[str]) -> List[int]:
+  """The distinct ad ids of the (GZIP TFRecord) examples in `patterns`, sorted."""
+  spec = {F.AD_ID: tf.io.FixedLenFeature([1], tf.int64)}
+  ds = tf.data.TFRecordDataset(files_lib.expand(patterns), compression_type='GZIP').batch(1024)
+  out = set()
+  for batch in ds:
+    out.update(int(x) for x in tf.io.parse_example(batch, spec)[F.AD_ID].numpy().ravel())
+  return sorted(out)
+
+
+def write_seen_ads(tdir: str, train_patterns: List[str], validation_patterns: List[str]) -> None:
+  """seen_ads.json: the ads that trained the model and the ads that chose it, so `evaluate`,
+  `audit` and a warm start can keep every figure on ads the model has not seen."""
+  with tf.io.gfile.GFile(os.path.join(tdir, names.SEEN_ADS), 'w') as f:
+    json.dump({'train': ad_ids(train_patterns), 'validation': ad_ids(validation_patterns)}, f)
+
+
 def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
   return tf.map_fn(lambda j: images.decode_tf(j, size), jpegs, fn_output_signature=tf.uint8)
 
@@ -89,6 +106,7 @@ def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
   if history.get('serve'):  # the decision's thresholds travel with the model
     with tf.io.gfile.GFile(os.path.join(tdir, names.SERVE), 'w') as f:
       json.dump(history['serve'], f, indent=1)
+  write_seen_ads(tdir, fn_args.train_files, fn_args.eval_files)
   spec = tft_out.transformed_feature_spec()
   # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
   # so it is ranked on validation photos (never on the test split that the gates judge).
