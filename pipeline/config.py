@@ -386,9 +386,28 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
+def _yaml(text: str, where: str) -> Any:
+  """YAML text parsed; a syntax error is a ConfigError naming where (file:line:column)."""
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    mark = getattr(e, 'problem_mark', None)
+    at = f'{where}:{mark.line + 1}:{mark.column + 1}' if mark is not None else where
+    problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+    context = getattr(e, 'context', None)
+    raise ConfigError(f'{at}: YAML syntax error: {problem}'
+                      + (f' ({context})' if context else '')) from None
+
+
 def _read(path: str) -> Dict[str, Any]:
-  with open(path) as f:
-    data = yaml.safe_load(f) or {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path}: cannot read the config: {e}') from None
+  data = _yaml(text, path) or {}
+  if not isinstance(data, dict):
+    raise ConfigError(f'{path}: a config is a mapping of sections, got {type(data).__name__}')
   parent = data.pop('extends', None)
   if parent:
     data = _merge(_read(os.path.join(os.path.dirname(path), parent)), data)
@@ -469,4 +488,4 @@ def parse_override(item: str):
   key, _, raw = item.partition('=')
   if not key or not _:
     raise ConfigError(f'--set: override must be key=value, got {item!r}')
-  return key, yaml.safe_load(raw)
+  return key, _yaml(raw, f'--set {key}')

@@ -295,3 +295,19 @@ def test_predict_answers_class_else_make_else_not_sure_from_configured_threshold
   assert decisions['0']['answer'].split('|')[0] == decisions['serve.class_min_confidence=1.0']['answer']
   res = _cli('predict', photo, '--class-min-confidence', '0', '--make-min-confidence', '0')
   assert res.returncode == 0 and '(' in res.stdout.splitlines()[0]
+
+
+def test_a_config_with_a_yaml_syntax_error_is_named_at_its_line_and_column(tmp_path):
+  """A typo in a config is the user's to fix (exit 2, file:line:column), not a defect (1)."""
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('extends: default.yaml\nmodel:\n  serving_views: [full, flip\n  dropout: 0.3\n')
+  res = _cli('run', '--config', str(bad))
+  _one_line_error(res, 2, f'{bad}:4:', 'YAML syntax error')
+  assert 'a defect' not in res.stderr and 'ParserError' not in res.stderr
+  (tmp_path / 'child.yaml').write_text('extends: bad.yaml\n')  # found through extends: too
+  _one_line_error(_cli('ingest', '--config', str(tmp_path / 'child.yaml'), '--out',
+                       str(tmp_path / 'o')), 2, f'{bad}:4:')
+  _one_line_error(_cli('run', '--set', 'model.serving_views=[full'), 2,
+                  '--set model.serving_views:1:', 'YAML syntax error')
+  (tmp_path / 'list.yaml').write_text('- a\n- b\n')
+  _one_line_error(_cli('run', '--config', str(tmp_path / 'list.yaml')), 2, 'a mapping of sections')
