@@ -45,6 +45,8 @@ def _run_direct(cfg, args) -> dict:
       print(f"[carvision] photo host: {svc['image_url_template']}", flush=True)
       run.run_direct(cfg, run.card_extras(args.data))
   else:
+    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+    fetch.check_credentials(cfg.ingest.image_url_template)  # before any work
     if cfg.ingest.dsn:
       from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
       postgres.check_source(cfg.ingest.dsn, cfg.ingest.password_secret)  # before any work
@@ -103,6 +105,8 @@ def cmd_ingest(args) -> int:
     ingest['image_url_template'] = args.image_url_template
   config_lib.check_dsn(ingest['dsn'], '--dsn' if args.dsn else 'ingest.dsn / CARVISION_DSN')
   config_lib.check_template(ingest['image_url_template'])
+  from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+  fetch.check_credentials(ingest['image_url_template'])
   from pipeline import outdir  # pylint: disable=g-import-not-at-top
   beam_args = ['--runner', args.runner] + (args.beam_arg or [])
   with outdir.fresh_output(args.out, args.overwrite) as staging:

@@ -311,3 +311,20 @@ def test_a_config_with_a_yaml_syntax_error_is_named_at_its_line_and_column(tmp_p
                   '--set model.serving_views:1:', 'YAML syntax error')
   (tmp_path / 'list.yaml').write_text('- a\n- b\n')
   _one_line_error(_cli('run', '--config', str(tmp_path / 'list.yaml')), 2, 'a mapping of sections')
+
+
+def test_a_gs_photo_host_without_credentials_is_one_line_before_any_work(tmp_path):
+  """Without credentials every photo would become a connection_error after its retries."""
+  env = {'HOME': str(tmp_path), 'GOOGLE_APPLICATION_CREDENTIALS': '', 'CLOUDSDK_CONFIG': str(tmp_path),
+         'GCE_METADATA_HOST': '127.0.0.1:9', 'GCE_METADATA_IP': '127.0.0.1:9', 'NO_GCE_CHECK': 'True'}
+  out = tmp_path / 'out'
+  res = _cli('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--image-url-template',
+             'gs://some-bucket/photos/{p_hash}.jpg', '--out', str(out), env=env)
+  _one_line_error(res, 3, 'gs://some-bucket/photos/: no Google Cloud credentials',
+                  'GOOGLE_APPLICATION_CREDENTIALS')
+  assert not out.exists() and not res.stdout.strip()  # nothing ingested, no summary
+  res = _cli('run', '--set', f"ingest.csv={os.path.join(TINY, 'cars.csv')}", '--set',
+             'ingest.image_url_template=gs://some-bucket/photos/{p_hash}.jpg', '--set',
+             f'pipeline.root={tmp_path / "root"}', env=env)
+  _one_line_error(res, 3, 'no Google Cloud credentials')
+  assert not (tmp_path / 'root').exists()

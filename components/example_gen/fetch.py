@@ -14,7 +14,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from components.errors import UserError
+from components.errors import SourceError, UserError
 from components.example_gen import records
 
 # (data or None, dead-letter reason or None, detail)
@@ -123,6 +123,23 @@ def _watched_pools():
           'https': type('WatchedHTTPSConnectionPool', (connectionpool.HTTPSConnectionPool,),
                         {'ConnectionCls': https_conn})}
 
+
+
+def check_credentials(url_template: str) -> None:
+  """A gs:// photo host needs Google Cloud credentials: without them every photo would become
+  a `connection_error` dead letter after its retries (minutes), so say so once, before any
+  work. Other schemes need nothing here."""
+  if not str(url_template).startswith('gs://'):
+    return
+  import google.auth  # pylint: disable=g-import-not-at-top
+  from google.auth import exceptions  # pylint: disable=g-import-not-at-top
+  try:
+    google.auth.default()
+  except exceptions.DefaultCredentialsError:
+    raise SourceError(
+        f'photo host {url_template.split("{")[0]}: no Google Cloud credentials found (set '
+        'GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run `gcloud auth '
+        'application-default login`)') from None
 
 class Fetcher:
   """Fetches `<template with {p_hash}>` for many rows at once, bounded by `concurrency`."""
