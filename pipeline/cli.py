@@ -492,9 +492,21 @@ def explain(e: BaseException) -> tuple:
   return EXIT_INTERNAL, f'error: {type(e).__name__}: {first} (rerun with --debug for the traceback)'
 
 
+def argv_from_env() -> None:
+  """bin/carvision passes the arguments as CARVISION_ARGV (base64 of NUL-terminated
+  strings) so that none of them is on a world-readable command line; they become sys.argv."""
+  import base64  # pylint: disable=g-import-not-at-top
+  encoded = os.environ.pop('CARVISION_ARGV', None)
+  if encoded is None:
+    return
+  raw = base64.b64decode(encoded.encode('ascii')) if encoded else b''
+  sys.argv[1:] = [a.decode('utf-8', 'surrogateescape') for a in raw.split(b'\0')[:-1]]
+
+
 def entry() -> None:
   """Console-script entry: one line per error (the traceback with --debug), named exit
   codes; exits without interpreter teardown (see README, exit 139)."""
+  argv_from_env()
   debug = '--debug' in sys.argv[1:]
   try:
     rc = main()

@@ -43,3 +43,20 @@ rc=0; "$REPO/bin/carvision" predict /etc/hostname >/dev/null 2>"$work/err" || rc
 rc=0; "$REPO/bin/carvision" >/dev/null 2>"$work/err" || rc=$?
 [ "$rc" = 2 ] && ! grep -q "invalid choice: ''" "$work/err" || { echo "FAIL: no arguments: rc=$rc $(cat "$work/err")"; exit 1; }
 echo "[host] bin/carvision: paths outside the repository, no arguments: ok"
+
+# bin/carvision's arguments never reach a command line: a --dsn with a password is refused
+# inside (exit 2), and the recording unshare never saw the password; arguments with spaces,
+# quotes and non-ASCII letters arrive whole.
+rm -f "$tmp/argv"
+rc=0; PATH="$tmp:$PATH" "$REPO/bin/carvision" ingest --dsn "host=127.0.0.1 dbname=seez password=$secret" \
+  --out "$work/o" >/dev/null 2>"$work/err" || rc=$?
+[ "$rc" = 2 ] && grep -q 'contains a password' "$work/err" || { echo "FAIL: --dsn with a password: rc=$rc $(cat "$work/err")"; exit 1; }
+if [ ! -s "$tmp/argv" ] && [ "$("$REPO/scripts/env.sh" path | xargs basename | cut -d- -f1)" = rootfs ]; then
+  echo "FAIL: the recording unshare was not used by bin/carvision"; exit 1
+fi
+if grep -qF "$secret" "$tmp/argv" 2>/dev/null; then echo "FAIL: bin/carvision put the --dsn password on a command line"; exit 1; fi
+cp "${photos[0]}" "$work/a ph'oto é.jpg"
+out=$("$REPO/bin/carvision" predict --json --top-k 1 "$work/a ph'oto é.jpg" 2>"$work/err") || {
+  echo "FAIL: a path with a space, a quote and é: $(tail -3 "$work/err")"; exit 1; }
+[ "$(python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["input"])' <<<"$out")" = "$work/a ph'oto é.jpg" ] || { echo "FAIL: the path did not arrive whole: $out"; exit 1; }
+echo "[host] bin/carvision: arguments off the command line (a --dsn password never on one): ok"
