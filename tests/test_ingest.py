@@ -402,3 +402,25 @@ def test_exif_rotated_photo_is_stored_upright(tmp_path, image_host):
   h, w = images.decode_full_tf(tf.constant(stored)).shape[:2]
   assert (w, h) == src.size  # upright, not the sideways stored pixels
   assert ex.features.feature['image/width'].int64_list.value[0] == src.size[0]
+
+
+def test_an_unterminated_quote_costs_one_row_each_other_line_is_read(tmp_path, image_host):
+  """A quote opened and never closed used to swallow every line up to the next quote into
+  one bad_row: now the broken line is the bad_row (with its line) and the rest are read."""
+  h = GOOD[:6]
+  f = tmp_path / 'cars.csv'
+  f.write_text('ad_id,make,model,submodel,hashish\n'
+               f'3001,"BMW,X6,SUV 2012,{h[0]}\n'            # line 2: the quote never closes
+               f'3002,BMW,X6,SUV 2012,{h[1]}\n'
+               f'3003,BMW,X6,SUV 2012,"{h[2]},{h[3]}"\n'     # the next quote: closes the region
+               f'3004,BMW,X6,SUV 2012,{h[4]}\n'
+               f'3005,BMW,X6,"SUV\n2012",{h[5]}\n')          # a quoted line break: one record
+  summary, dead, examples = run_ingest(tmp_path / 'out', csv=str(f),
+                                       image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  assert summary['rows'] == 6
+  assert summary['dead_letters'] == {records.BAD_ROW: 1}
+  assert dead[0]['detail'].startswith('cars.csv:2: unbalanced quote')
+  got = sorted(ex.features.feature['ad_id'].int64_list.value[0]
+               for exs in examples.values() for ex in exs)
+  assert got == [3002, 3003, 3003, 3004, 3005]

@@ -234,6 +234,22 @@ def rows_from_csv_fields(fields: Sequence[str], where: str) -> List[Row]:
               submodel=submodel or None) for pos, h in enumerate(hashes)]
 
 
+_SWALLOWED = re.compile(r'[\r\n]\s*\d+\s*,')  # a line inside a field that starts like a record
+
+
+def _one_line(text: str) -> Any:
+  """One physical line as a CSV record (its fields), or what is wrong with it (a str)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  body = text.rstrip('\r\n')
+  try:
+    fields = next(csv.reader([body], strict=True), [])
+  except csv.Error as e:
+    if str(e) == 'unexpected end of data':
+      return 'unbalanced quote (a field opened with " is never closed)'
+    return str(e)
+  return fields
+
+
 def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
   """Every record of one cars.csv file, parsed as CSV (quoted fields may hold newlines).
 
@@ -245,19 +261,35 @@ def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
   text = data.decode('utf-8', 'surrogateescape')
   if text.startswith('\ufeff'):
     text = text[1:]  # a UTF-8 byte-order mark (spreadsheet exports)
+  physical = io.StringIO(text, newline='').readlines()  # the lines as the reader splits them
   reader = csv.reader(io.StringIO(text, newline=''))
   line, first = 0, True
+  pending: List[Tuple[int, List[str]]] = []
   while True:
-    start = line + 1
-    try:
-      fields = next(reader)
-    except StopIteration:
-      return
-    except csv.Error as e:
+    if pending:
+      start, fields = pending.pop(0)
+    else:
+      start = line + 1
+      try:
+        fields = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        line = reader.line_num
+        yield _bad(f'{source}:{start}: {e}')
+        continue
       line = reader.line_num
-      yield _bad(f'{source}:{start}: {e}')
+      if line > start and (len(fields) != len(CSV_HEADER)
+                           or any(_SWALLOWED.search(f) for f in fields)):
+        # A quote left open swallowed the lines up to the next quote (a record of the wrong
+        # width, or a field holding a line that starts like a record): each of those lines
+        # is read on its own, so one stray quote costs one row, not every row it swallowed.
+        # A quoted line break inside one value stays one record.
+        pending = [(n, _one_line(physical[n - 1])) for n in range(start, line + 1)]
+        continue
+    if isinstance(fields, str):
+      yield _bad(f'{source}:{start}: {fields}')
       continue
-    line = reader.line_num
     if not any(f.strip() for f in fields):
       continue  # a blank line is no row
     where = f'{source}:{start}'
