@@ -328,3 +328,22 @@ def test_a_gs_photo_host_without_credentials_is_one_line_before_any_work(tmp_pat
              f'pipeline.root={tmp_path / "root"}', env=env)
   _one_line_error(res, 3, 'no Google Cloud credentials')
   assert not (tmp_path / 'root').exists()
+
+
+def test_predict_answers_non_ascii_names(tmp_path):
+  """Citroën and Škoda come back as written, in JSON and on the terminal."""
+  import shutil
+  model = tmp_path / 'model'
+  model.mkdir()
+  shutil.copy(os.path.join(SHIPPED, 'model.tflite'), model)
+  labels = open(os.path.join(SHIPPED, 'labels.txt'), encoding='utf-8').read().split('\n')
+  renamed = ['Škoda-' + l if l else l for l in labels]  # every class's make non-ASCII
+  (model / 'labels.txt').write_text('\n'.join(renamed), encoding='utf-8')
+  photo = os.path.join(TINY, 'images', sorted(os.listdir(os.path.join(TINY, 'images')))[0])
+  res = _cli('predict', '--model', str(model / 'model.tflite'), '--json', photo,
+             env={'PYTHONIOENCODING': 'utf-8'})
+  assert res.returncode == 0, res.stderr[-2000:]
+  top = json.loads(res.stdout)[0]['top_k'][0]
+  assert top['make'].startswith('Škoda-') and top['label'].startswith('Škoda-')
+  res = _cli('predict', '--model', str(model / 'model.tflite'), photo)
+  assert res.returncode == 0 and 'Škoda-' in res.stdout, res.stderr[-2000:]

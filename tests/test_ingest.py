@@ -424,3 +424,47 @@ def test_an_unterminated_quote_costs_one_row_each_other_line_is_read(tmp_path, i
   got = sorted(ex.features.feature['ad_id'].int64_list.value[0]
                for exs in examples.values() for ex in exs)
   assert got == [3002, 3003, 3003, 3004, 3005]
+
+
+def test_names_with_the_class_separator_non_ascii_names_and_odd_detections(
+    tmp_path, postgres, image_host, tiny_labels, tiny_manifest):
+  """A name holding '|' (the class separator) is a missing_label with the reason; Citroën
+  and Škoda reach the examples' labels unchanged; yolo_classification NULL, a list of
+  non-objects or a non-numeric confidence is a non_car photo, a JSON string holding the
+  list is read as the list (a doubly encoded export)."""
+  clean = _pick_ads(tiny_labels, tiny_manifest, 100)
+  (a3, p3), = [c for c in clean if len(c[1]) >= 4][:1]
+  (a1, p1), (a2, p2) = [c for c in clean if c[0] != a3][:2]
+  keep = [a1, a2, a3]
+  car = '[{"class_name": "car", "confidence": 0.9, "bbox": [1, 1, 30, 30]}]'
+  dsn = _edit_db(postgres, 'names_and_detections', [
+      ('DELETE FROM app.ad_images WHERE NOT (ad_id = ANY(%s))', (keep,)),
+      ('DELETE FROM app.ads WHERE NOT (id = ANY(%s))', (keep,)),
+      ("INSERT INTO static.makes (id, name) VALUES (9001, 'Citroën'), (9002, 'A|B')", None),
+      ("INSERT INTO static.models (id, make_id, name) VALUES (9001, 9001, 'Škoda Octavia')", None),
+      ('ALTER TABLE app.ad_images ALTER COLUMN yolo_classification DROP NOT NULL', None),
+      ('INSERT INTO static.models_submodels (model_id, submodel_id) SELECT 9001, submodel_id '
+       'FROM app.ads WHERE id = %s', (a1,)),
+      ('UPDATE app.ads SET make_id = 9001, model_id = 9001 WHERE id = %s', (a1,)),
+      ('UPDATE app.ads SET make_id = 9002 WHERE id = %s', (a2,)),
+      ('UPDATE app.ad_images SET yolo_classification = NULL WHERE p_hash = %s', (p3[0],)),
+      ('UPDATE app.ad_images SET yolo_classification = %s::jsonb WHERE p_hash = ANY(%s)',
+       ('[1, "car", null]', p3[1:2])),
+      ('UPDATE app.ad_images SET yolo_classification = to_jsonb(%s::text) WHERE p_hash = ANY(%s)',
+       (car, p1)),
+      ('UPDATE app.ad_images SET yolo_classification = %s::jsonb WHERE p_hash = ANY(%s)',
+       ('[{"class_name": "car", "confidence": "high"}]', p3[2:3])),
+  ])
+  summary, dead, examples = run_ingest(tmp_path, dsn=dsn, image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  odd = p3[:3]
+  assert summary['rows'] == len(p1) + len(p2) + len(p3)
+  assert summary['dead_letters'] == {records.MISSING_LABEL: len(p2), records.NON_CAR: len(odd)}
+  assert all("contains '|'" in d['detail'] for d in dead if d['reason'] == records.MISSING_LABEL)
+  assert {d['p_hash'] for d in dead if d['reason'] == records.NON_CAR} == set(odd)
+  labels = {ex.features.feature['p_hash'].bytes_list.value[0].decode():
+            ex.features.feature['label/class'].bytes_list.value[0].decode('utf-8')
+            for exs in examples.values() for ex in exs}
+  assert {labels[p].split('|')[0] for p in p1} == {'Citroën'}
+  assert {labels[p].split('|')[1] for p in p1} == {'Škoda Octavia'}
+  assert set(labels) == set(p1) | set(p3[3:])

@@ -15,7 +15,7 @@ def _tiny_tflite(n_out=3, size=8):
 
 def test_labels_round_trip_and_model_still_runs(tmp_path):
   from ai_edge_litert.interpreter import Interpreter
-  labels = ['BMW|X6|SUV 2012', 'Audi|R8|Coupe 2012', 'Jeep|Wrangler|SUV 2012']
+  labels = ['BMW|X6|SUV 2012', 'Citroën|C4 Picasso|Minivan 2012', 'Škoda|Octavia|Combi 2012']
   raw = _tiny_tflite(len(labels))
   out = tflite_metadata.embed(raw, labels, name='t', description='d', version='v1')
   md = tflite_metadata.read(out)

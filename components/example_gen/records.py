@@ -91,7 +91,11 @@ def largest_detection(detections: Any, classes: Sequence[str], min_confidence: f
     if not isinstance(d, dict) or d.get('class_name') not in classes:
       continue
     conf = d.get('confidence')
-    if conf is not None and float(conf) < min_confidence:
+    try:
+      conf = None if conf is None else float(conf)
+    except (TypeError, ValueError):
+      continue  # a confidence that is not a number accepts nothing
+    if conf is not None and conf < min_confidence:
       continue
     found = True
     box = d.get('bbox')
