@@ -468,3 +468,26 @@ def test_names_with_the_class_separator_non_ascii_names_and_odd_detections(
   assert {labels[p].split('|')[0] for p in p1} == {'Citroën'}
   assert {labels[p].split('|')[1] for p in p1} == {'Škoda Octavia'}
   assert set(labels) == set(p1) | set(p3[3:])
+
+
+def test_csv_with_a_byte_order_mark_or_semicolons_reads_like_the_plain_export(tmp_path, image_host):
+  """Spreadsheet exports: a UTF-8 byte-order mark before the header, ';' between columns
+  (the quoted hashish keeps its commas). Both read as the plain file does."""
+  h = GOOD[:4]
+  plain = ('ad_id,make,model,submodel,hashish\n'
+           f'4001,Citroën,C4,Hatch 2010,"{h[0]},{h[1]}"\n4002,BMW,X6,SUV 2012,{h[2]}\n')
+  semi = ('ad_id;make;model;submodel;hashish\n'
+          f'4001;Citroën;C4;Hatch 2010;"{h[0]},{h[1]}"\n4002;BMW;X6;SUV 2012;{h[2]}\n')
+  want = [(r.ad_id, r.p_hash, r.make, r.submodel, r.reason)
+          for r in records.rows_from_csv(plain.encode(), 'a.csv')]
+  assert len(want) == 3 and want[0][2] == 'Citroën' and not any(w[4] for w in want)
+  for text in ('\ufeff' + plain, semi, '\ufeff' + semi, semi.split('\n', 1)[1]):
+    got = [(r.ad_id, r.p_hash, r.make, r.submodel, r.reason)
+           for r in records.rows_from_csv(text.encode('utf-8'), 'a.csv')]
+    assert got == want, text[:40]
+  f = tmp_path / 'cars.csv'
+  f.write_bytes(('\ufeff' + semi).encode('utf-8'))
+  summary, dead, examples = run_ingest(tmp_path / 'out', csv=str(f),
+                                       image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  assert summary['rows'] == 3 and not dead and sum(len(e) for e in examples.values()) == 3

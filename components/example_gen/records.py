@@ -241,17 +241,26 @@ def rows_from_csv_fields(fields: Sequence[str], where: str) -> List[Row]:
 _SWALLOWED = re.compile(r'[\r\n]\s*\d+\s*,')  # a line inside a field that starts like a record
 
 
-def _one_line(text: str) -> Any:
+def _one_line(text: str, delimiter: str = ',') -> Any:
   """One physical line as a CSV record (its fields), or what is wrong with it (a str)."""
   import csv  # pylint: disable=g-import-not-at-top
   body = text.rstrip('\r\n')
   try:
-    fields = next(csv.reader([body], strict=True), [])
+    fields = next(csv.reader([body], strict=True, delimiter=delimiter), [])
   except csv.Error as e:
     if str(e) == 'unexpected end of data':
       return 'unbalanced quote (a field opened with " is never closed)'
     return str(e)
   return fields
+
+
+def sniff_delimiter(first_line: str) -> str:
+  """',' (psql --csv) unless the first record reads as the five columns with ';' (the
+  export of a spreadsheet in a locale whose decimal mark is the comma)."""
+  if len(_one_line(first_line, ',') or []) == len(CSV_HEADER):
+    return ','
+  semi = _one_line(first_line, ';')
+  return ';' if isinstance(semi, list) and len(semi) == len(CSV_HEADER) else ','
 
 
 def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
@@ -266,7 +275,8 @@ def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
   if text.startswith('\ufeff'):
     text = text[1:]  # a UTF-8 byte-order mark (spreadsheet exports)
   physical = io.StringIO(text, newline='').readlines()  # the lines as the reader splits them
-  reader = csv.reader(io.StringIO(text, newline=''))
+  delimiter = sniff_delimiter(next((l for l in physical if l.strip()), ''))
+  reader = csv.reader(io.StringIO(text, newline=''), delimiter=delimiter)
   line, first = 0, True
   pending: List[Tuple[int, List[str]]] = []
   while True:
@@ -289,7 +299,7 @@ def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
         # width, or a field holding a line that starts like a record): each of those lines
         # is read on its own, so one stray quote costs one row, not every row it swallowed.
         # A quoted line break inside one value stays one record.
-        pending = [(n, _one_line(physical[n - 1])) for n in range(start, line + 1)]
+        pending = [(n, _one_line(physical[n - 1], delimiter)) for n in range(start, line + 1)]
         continue
     if isinstance(fields, str):
       yield _bad(f'{source}:{start}: {fields}')
