@@ -96,6 +96,12 @@ class IngestConfig:
   partitions: Positive = 8
   http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
   max_pixels: Positive = 40_000_000
+  # The p_hash is the perceptual hash (imagehash.phash, 64 bits) of the photo as served: a
+  # fetched photo whose hash is further than this many bits from its name is another photo
+  # (a `p_hash_mismatch` dead letter). Re-encoding moves a few bits, another photo ~32.
+  # null: not checked.
+  p_hash_max_distance: Annotated[Optional[NonNegative], _check(
+      lambda v: _at_most(v, 64, 'ingest.p_hash_max_distance'))] = 10
   # Hash buckets by ad_id (weights, any positive integers): `train` fits the weights,
   # `validation` chooses (early stopping, roll-back, warm-start bar, float layers),
   # `test` judges (gates, reported figures). See components.features.SPLIT_ROLES.
@@ -349,6 +355,11 @@ def check_dsn(dsn: Optional[str], setting: str = 'ingest.dsn') -> None:
     raise ConfigError(f'{setting} contains a password: remove it and set PGPASSWORD '
                       '(or ingest.password_secret on Dataflow/Vertex); a DSN is stored in ML '
                       'Metadata and on the model card')
+
+
+def _at_most(value, top, setting: str):
+  if value is not None and value > top:
+    raise ConfigError(f'{setting}={value!r}: at most {top}')
 
 
 def check_template(template: str, setting: str = 'ingest.image_url_template') -> None:

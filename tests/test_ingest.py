@@ -395,7 +395,8 @@ def test_exif_rotated_photo_is_stored_upright(tmp_path, image_host):
   src.convert('RGB').transpose(Image.Transpose.ROTATE_90).save(buf, 'JPEG', quality=95, exif=exif)
   image_host.faults[GOOD[0]] = lambda k: (200, buf.getvalue())
   summary, _, examples = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, [GOOD[0]]),
-                                    image_url_template=image_host.url_template)
+                                    image_url_template=image_host.url_template,
+                                    p_hash_max_distance=None)  # a made-up photo under a real name
   assert summary['dead_letters'] == {} and summary['rows'] == 1
   (ex,) = [e for split in examples.values() for e in split]
   stored = ex.features.feature['image/encoded'].bytes_list.value[0]
@@ -491,3 +492,24 @@ def test_csv_with_a_byte_order_mark_or_semicolons_reads_like_the_plain_export(tm
                                        image_url_template=image_host.url_template,
                                        max_dead_letter_share=1.0)
   assert summary['rows'] == 3 and not dead and sum(len(e) for e in examples.values()) == 3
+
+
+def test_a_host_serving_another_photo_under_a_name_is_a_p_hash_mismatch(tmp_path, image_host):
+  """The p_hash is the photo's perceptual hash: another photo served under it is caught
+  (its own reason, with the distance); the same photo re-encoded and resized is not."""
+  a, b, c = GOOD[0], GOOD[1], GOOD[2]
+  other = open(os.path.join(TINY, 'images', b + '.jpg'), 'rb').read()
+  photo = Image.open(os.path.join(TINY, 'images', c + '.jpg'))
+  buf = io.BytesIO()
+  photo.resize((photo.width * 9 // 10, photo.height * 9 // 10)).save(buf, 'JPEG', quality=60)
+  image_host.faults[a] = lambda k: (200, other)
+  image_host.faults[c] = lambda k: (200, buf.getvalue())
+  summary, dead, examples = run_ingest(tmp_path / 'out', csv=_csv(tmp_path, [a, b, c]),
+                                       image_url_template=image_host.url_template,
+                                       max_dead_letter_share=1.0)
+  assert summary['dead_letters'] == {records.P_HASH_MISMATCH: 1}
+  assert dead[0]['p_hash'] == a and f'hashes to {b}' in dead[0]['detail']
+  assert sum(len(e) for e in examples.values()) == 2
+  summary, _, _ = run_ingest(tmp_path / 'off', csv=_csv(tmp_path, [a]),
+                             image_url_template=image_host.url_template, p_hash_max_distance=None)
+  assert summary['dead_letters'] == {}  # the check can be switched off

@@ -83,6 +83,9 @@ class _FetchAndValidate(beam.DoFn):
     for row, (data, reason, detail) in zip(batch, results):
       if reason is None:
         reason, detail, width, height = records.validate_image(data, self.ingest['max_pixels'])
+      if reason is None:
+        reason, detail = records.check_photo_matches(data, row.p_hash,
+                                                     self.ingest.get('p_hash_max_distance'))
       if reason is not None:
         yield beam.pvalue.TaggedOutput('dead', records.dead(row, reason, detail))
         continue

@@ -33,6 +33,7 @@ DUPLICATE = 'duplicate'
 BAD_P_HASH = 'bad_p_hash'
 BAD_ROW = 'bad_row'
 MISSING_FILE = 'missing_file'
+P_HASH_MISMATCH = 'p_hash_mismatch'
 
 JPEG_MAGIC = b'\xff\xd8\xff'
 CLASS_SEP = names.CLASS_SEP
@@ -166,6 +167,24 @@ def validate_image(data: bytes, max_pixels: int) -> Tuple[Optional[str], str, in
   except Exception as e:  # pylint: disable=broad-except
     return CORRUPT_JPEG, f'{type(e).__name__}: {e}', 0, 0
   return None, '', width, height
+
+
+def check_photo_matches(data: bytes, p_hash: str, max_distance: Optional[int]
+                        ) -> Tuple[Optional[str], str]:
+  """(P_HASH_MISMATCH or None, detail): the photo's perceptual hash (imagehash.phash of the
+  photo as decoded, the definition of app.ad_images.p_hash) within `max_distance` bits of
+  its name; a host that serves another photo under this name is caught here."""
+  if max_distance is None:
+    return None, ''
+  import imagehash  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as img:
+    got = imagehash.phash(img)
+  distance = got - imagehash.hex_to_hash(p_hash)
+  if distance > max_distance:
+    return P_HASH_MISMATCH, (f'the photo served hashes to {got} ({distance} of 64 bits from '
+                             f'its name; at most {max_distance} allowed)')
+  return None, ''
 
 
 def to_example(row: Row, data: bytes, width: int, height: int):
