@@ -12,3 +12,8 @@ class UserError(ValueError):
 class SourceError(RuntimeError):
   """The data source failed or refused (database unreachable, wrong password, gone mid-read,
   too many dead letters): the message starts with what failed and says what to check."""
+
+
+class BusyError(RuntimeError):
+  """Another carvision process holds the output or pipeline root this one would write: the
+  message names it and the process; nothing was written."""

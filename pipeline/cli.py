@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -17,6 +16,7 @@ EXIT_USAGE = 2         # a command-line or configuration value to fix (the messa
 EXIT_DATA = 3          # the source: database unreachable or refused, too many dead letters
 EXIT_NOT_BLESSED = 4   # run: a gate refused the model; evaluate: below --top1-min/--top5-min
 EXIT_SOME_INPUTS = 5   # predict: some photos could not be read (the others were answered)
+EXIT_BUSY = 6          # another carvision process is writing the same --out / pipeline root
 
 SAMPLE_DIR = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
 # The blessed 196-class model committed with the code (see models/car_ads/model_card.json).
@@ -28,7 +28,7 @@ def _config(args) -> config_lib.Config:
   return config_lib.load(args.config, overrides)
 
 
-def _run_direct(cfg, args) -> dict:
+def _run_direct(cfg, args, fresh: bool = False) -> dict:
   """The pipeline on the direct runner, for `demo` and `run`: with `--data`, a directory in
   the car_ads format served locally (a throwaway PostgreSQL loaded from its dump, or
   CARVISION_DSN; its photos over HTTP on loopback), else the configured source. Prints the
@@ -36,6 +36,12 @@ def _run_direct(cfg, args) -> dict:
   from pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
   dsn = os.environ.get('CARVISION_DSN')
   config_lib.check_dsn(dsn, 'CARVISION_DSN')
+  with run.root_lock(cfg, fresh=fresh):  # one run per pipeline root, held to the summary
+    return _run_locked(cfg, args, dsn)
+
+
+def _run_locked(cfg, args, dsn) -> dict:
+  from pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
   if args.data:
     from pipeline import services  # pylint: disable=g-import-not-at-top
     with services.local_services(args.data, dsn=dsn) as svc:
@@ -63,9 +69,7 @@ def cmd_demo(args) -> int:
   """The whole pipeline on the embedded sample, with throwaway PostgreSQL and photo host;
   exit 0 whatever the verdict (the sample is too small to pass the production gates)."""
   cfg = _config(args)
-  if args.fresh:
-    shutil.rmtree(cfg.path(cfg.pipeline.root), ignore_errors=True)
-  _run_direct(cfg, args)
+  _run_direct(cfg, args, fresh=args.fresh)
   return EXIT_OK
 
 
@@ -481,7 +485,9 @@ def explain(e: BaseException) -> tuple:
   first = (str(e).strip().splitlines() or [''])[0]
   if isinstance(e, config_lib.ConfigError):
     return EXIT_USAGE, f'error: {first}'
-  from components.errors import SourceError  # pylint: disable=g-import-not-at-top
+  from components.errors import BusyError, SourceError  # pylint: disable=g-import-not-at-top
+  if isinstance(e, BusyError):
+    return EXIT_BUSY, f'error: {first}'
   if isinstance(e, SourceError):
     return EXIT_DATA, f'error: {first}'
   marker = f'{SourceError.__name__}: '

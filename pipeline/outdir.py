@@ -15,7 +15,7 @@ import os
 import shutil
 from typing import Iterator
 
-from components.errors import UserError
+from components.errors import BusyError, UserError
 
 
 @contextlib.contextmanager
@@ -35,7 +35,8 @@ def fresh_output(out: str, overwrite: bool) -> Iterator[str]:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise UserError(f'--out {out}: another carvision run is writing there') from None
+      raise BusyError(f'--out {out}: another carvision ingest is writing there; wait for it '
+                      'or choose another --out') from None
     for stale in glob.glob(os.path.join(parent, f'.{base}.partial-*')):
       shutil.rmtree(stale, ignore_errors=True)  # an interrupted run's
     staging = os.path.join(parent, f'.{base}.partial-{os.getpid()}')

@@ -66,8 +66,55 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None) -> None:
   from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
   card = card if card is not None else card_extras()
-  with private_tmpdir():
+  with root_lock(cfg), private_tmpdir():
     BeamDagRunner().run(create_pipeline(cfg, started(card)))
+
+
+LOCK_NAME = '.carvision.lock'
+_HELD: set = set()  # roots this process holds (root_lock nests)
+
+
+@contextlib.contextmanager
+def root_lock(cfg: Config, fresh: bool = False):
+  """One run at a time on a pipeline root: a second `run` (or `demo`) on it stops at once
+  with the first one's pid and command instead of sharing its ML Metadata and artifacts.
+  The lock is the kernel's (flock), so a killed run never leaves it held."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from components.errors import BusyError  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = cfg.path(cfg.pipeline.root)
+  if '://' in root or root in _HELD:  # remote (Dataflow/Vertex): its orchestrator serialises runs
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, LOCK_NAME)
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise BusyError(f'pipeline root {root} is in use by {holder}: wait for it to finish, or '
+                      'set pipeline.root (and pipeline.metadata) elsewhere') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} (carvision {' '.join(sys.argv[1:2])}, since "
+            f"{time.strftime('%H:%M:%S')})\n")
+    f.flush()
+    _HELD.add(root)
+    try:
+      if fresh:  # `demo --fresh`: everything but the lock, under the lock
+        for name in os.listdir(root):
+          if name != LOCK_NAME:
+            full = os.path.join(root, name)
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+      yield
+    finally:
+      _HELD.discard(root)
+      f.seek(0)
+      f.truncate()
 
 
 @contextlib.contextmanager

@@ -347,3 +347,40 @@ def test_predict_answers_non_ascii_names(tmp_path):
   assert top['make'].startswith('Škoda-') and top['label'].startswith('Škoda-')
   res = _cli('predict', '--model', str(model / 'model.tflite'), photo)
   assert res.returncode == 0 and 'Škoda-' in res.stdout, res.stderr[-2000:]
+
+
+def test_two_runs_on_one_pipeline_root_or_two_ingests_into_one_out(tmp_path):
+  """The second stops at once with exit 6 naming the first (no shared ML Metadata, no mixed
+  shards); a holder killed with SIGKILL leaves nothing held."""
+  import signal
+  root = tmp_path / 'root'
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from pipeline import config, run\n'
+       f'cfg = config.load("demo", {{"pipeline.root": {str(root)!r}}})\n'
+       'with run.root_lock(cfg):\n  print("held", flush=True); time.sleep(600)'],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    for cmd in (('run',), ('demo', '--fresh')):
+      res = _cli(*cmd, '--config', 'demo', '--set', f'pipeline.root={root}', '--set',
+                 f"ingest.csv={os.path.join(TINY, 'cars.csv')}")
+      _one_line_error(res, 6, f'pipeline root {root} is in use by pid {holder.pid}')
+    assert (root / '.carvision.lock').exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  from pipeline import config, run
+  with run.root_lock(config.load('demo', {'pipeline.root': str(root)})):
+    pass  # free again once the holder is gone
+  out = tmp_path / 'out'
+  writer = subprocess.Popen(
+      [sys.executable, '-c', 'import time; from pipeline import outdir\n'
+       f'with outdir.fresh_output({str(out)!r}, False):\n  print("held", flush=True); time.sleep(600)'],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert writer.stdout.readline().strip() == 'held'
+    res = _cli('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--out', str(out))
+    _one_line_error(res, 6, f'--out {out}: another carvision ingest is writing there')
+  finally:
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
