@@ -178,13 +178,69 @@ def load_photo(path: str, size: int, max_pixels: int):
     return None, str(e)
 
 
+PREDICT_BATCH = 16
+PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
+
+
+def photo_inputs(inputs):
+  """(photo files, errors): files as given; a folder is every photo file under it (by
+  suffix, sorted); a folder without one, or a path that is neither, is an error entry."""
+  paths, errors = [], []
+  for given in inputs:
+    if os.path.isdir(given):
+      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(given) for f in fs
+                     if f.lower().endswith(PHOTO_SUFFIXES))
+      if not found:
+        errors.append({'input': given, 'error': f'no photo ({", ".join(PHOTO_SUFFIXES)}) in this folder'})
+      paths += found
+    else:
+      paths.append(given)  # a missing or unreadable file is reported when it is read
+  return paths, errors
+
+
+def _answer(name, p, model, limits, decides, top_k):
+  """One answer: the top-k (make, model, submodel, probability) and the decision."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from components import decision, names  # pylint: disable=g-import-not-at-top
+  preds = []
+  for i in np.argsort(-p)[:top_k]:
+    make, mdl, sub = names.split_label(model.labels[i])
+    preds.append({'label': model.labels[i], 'make': make, 'model': mdl, 'submodel': sub,
+                  'probability': round(float(p[i]), 6)})
+  item = {'input': name, 'top_k': preds}
+  if decides:
+    item['decision'] = {**decision.decide(p[None], model.labels, limits['class_min_confidence'],
+                                          limits['make_min_confidence'])[0],
+                        'class_min_confidence': limits['class_min_confidence'],
+                        'make_min_confidence': limits['make_min_confidence']}
+  return item
+
+
+def _print_answer(item, head, bar=None):
+  from components import decision, names  # pylint: disable=g-import-not-at-top
+  d = item.get('decision')
+  if d and d['decision'] == decision.CLASS:
+    head += f": {d['answer'].replace(names.CLASS_SEP, ' | ')} ({d['confidence']:.2f})"
+  elif d and d['decision'] == decision.MAKE:
+    head += f": make {d['answer']} ({d['confidence']:.2f}; model not sure)"
+  elif d:
+    head += f": not sure (best make {d['make']} {d['make_confidence']:.2f})"
+  lines = [head] + [f"  {r}. {pr['probability']:.4f}  {pr['make']} | {pr['model']} | {pr['submodel']}"
+                    for r, pr in enumerate(item['top_k'], 1)]
+  for line in lines:
+    if bar is not None and not bar.disable:
+      bar.write(line, file=sys.stdout)
+    else:
+      print(line)
+
+
 def cmd_predict(args) -> int:
   """Top-k make/model/submodel for photos (or one ad's photos together) from a pushed model.
 
   A photo that cannot be read is an error line of its own (stderr, and in --json); the
   others are still answered; the exit code is then EXIT_SOME_INPUTS.
   """
-  from components import decision, names, scoring, serving  # pylint: disable=g-import-not-at-top
+  from components import scoring, serving  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   max_pixels = cfg.ingest.max_pixels
@@ -199,53 +255,50 @@ def cmd_predict(args) -> int:
   if not decides:
     print('note: no decision thresholds (serve.class_min_confidence / make_min_confidence, or '
           'the model\'s serve.json): top-k only', file=sys.stderr)
-  good, errors = [], []
-  for path in args.images:
-    pixels, error = load_photo(path, model.size, max_pixels)
-    if error:
-      errors.append({'input': path, 'error': error})
-      print(f'error: {path}: {error}', file=sys.stderr)
-    else:
-      good.append((path, pixels))
-  probs = (model.predict_pixels(np.stack([x for _, x in good])) if good
-           else np.zeros((0, len(model.labels))))
-  if args.ad:
-    items = [('ad', probs.mean(axis=0))] if good else []
-  else:
-    items = list(zip([p for p, _ in good], probs))
-  out = []
-  for name, p in items:
-    top = np.argsort(-p)[:args.top_k]
-    preds = []
-    for i in top:
-      make, mdl, sub = names.split_label(model.labels[i])
-      preds.append({'label': model.labels[i], 'make': make, 'model': mdl, 'submodel': sub,
-                    'probability': round(float(p[i]), 6)})
-    item = {'input': name if not args.ad else [p for p, _ in good], 'top_k': preds}
-    if decides:
-      item['decision'] = {**decision.decide(p[None], model.labels, limits['class_min_confidence'],
-                                            limits['make_min_confidence'])[0],
-                          'class_min_confidence': limits['class_min_confidence'],
-                          'make_min_confidence': limits['make_min_confidence']}
-    out.append(item)
-  if args.json:
+  paths, errors = photo_inputs(args.images)
+  for e in errors:
+    print(f"error: {e['input']}: {e['error']}", file=sys.stderr)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=len(paths), desc='predict', unit='photo', file=sys.stderr,
+             disable=len(paths) <= PREDICT_BATCH)
+  answered, ad_sum, first = [], None, True
+  if args.json and not args.ad:
+    sys.stdout.write('[')
+  for i in range(0, len(paths), PREDICT_BATCH):  # streamed: one batch of photos in memory
+    good = []
+    for path in paths[i:i + PREDICT_BATCH]:
+      pixels, error = load_photo(path, model.size, max_pixels)
+      if error:
+        errors.append({'input': path, 'error': error})
+        bar.write(f'error: {path}: {error}', file=sys.stderr)
+      else:
+        good.append((path, pixels))
+    bar.update(len(paths[i:i + PREDICT_BATCH]))
+    if not good:
+      continue
+    probs = model.predict_pixels(np.stack([x for _, x in good]))
+    answered += [p for p, _ in good]
     if args.ad:
-      print(json.dumps({**(out[0] if out else {'input': [], 'top_k': []}), 'errors': errors}))
-    else:
-      print(json.dumps(out + errors))
-  else:
-    for item in out:
-      head = item['input'] if not args.ad else f'ad ({len(good)} photos)'
-      d = item.get('decision')
-      if d and d['decision'] == decision.CLASS:
-        head += f": {d['answer'].replace(names.CLASS_SEP, ' | ')} ({d['confidence']:.2f})"
-      elif d and d['decision'] == decision.MAKE:
-        head += f": make {d['answer']} ({d['confidence']:.2f}; model not sure)"
-      elif d:
-        head += f": not sure (best make {d['make']} {d['make_confidence']:.2f})"
-      print(head)
-      for r, pr in enumerate(item['top_k'], 1):
-        print(f"  {r}. {pr['probability']:.4f}  {pr['make']} | {pr['model']} | {pr['submodel']}")
+      ad_sum = probs.sum(axis=0) + (0 if ad_sum is None else ad_sum)
+      continue
+    for (path, _), p in zip(good, probs):
+      item = _answer(path, p, model, limits, decides, args.top_k)
+      if args.json:
+        sys.stdout.write(('' if first else ', ') + json.dumps(item))
+      else:
+        _print_answer(item, path, bar)
+      first = False
+    sys.stdout.flush()
+  bar.close()
+  if args.ad:
+    item = (_answer(answered, ad_sum / len(answered), model, limits, decides, args.top_k)
+            if answered else None)
+    if args.json:
+      print(json.dumps({**(item or {'input': [], 'top_k': []}), 'errors': errors}))
+    elif item:
+      _print_answer(item, f'ad ({len(answered)} photos)')
+  elif args.json:
+    print(('' if first or not errors else ', ') + ', '.join(json.dumps(e) for e in errors) + ']')
   return EXIT_SOME_INPUTS if errors else EXIT_OK
 
 
@@ -445,7 +498,7 @@ def main(argv=None) -> int:
   p.add_argument('--make-min-confidence', type=_fraction,
                  help='else answer the make from this confidence; else "not sure"')
   model_options(p)
-  p.add_argument('images', nargs='+')
+  p.add_argument('images', nargs='+', help='photo files and folders (every photo under a folder)')
   p.add_argument('--top-k', type=_positive_int, default=5)
   p.add_argument('--ad', action='store_true', help='the photos are one ad: one aggregated answer')
   p.add_argument('--json', action='store_true')

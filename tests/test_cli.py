@@ -384,3 +384,41 @@ def test_two_runs_on_one_pipeline_root_or_two_ingests_into_one_out(tmp_path):
   finally:
     writer.send_signal(signal.SIGKILL)
     writer.wait()
+
+
+def test_predict_takes_a_folder_of_500_photos_streams_them_and_shows_progress(tmp_path):
+  """Every photo under a folder is answered in order, in batches (one batch of pixels in
+  memory), with a progress bar on stderr; other files in the folder are not photos."""
+  import shutil
+  import tensorflow as tf
+
+  @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.uint8, name='pixels')])
+  def tiny(pixels):  # a real TFLite classifier of 3 classes, fast enough for 500 photos
+    x = tf.reduce_mean(tf.cast(pixels, tf.float32), axis=[1, 2]) / 255.0
+    return tf.nn.softmax(tf.matmul(x, tf.constant([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])))
+  model = tmp_path / 'model'
+  model.mkdir()
+  (model / 'model.tflite').write_bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+      [tiny.get_concrete_function()]).convert())
+  (model / 'labels.txt').write_text('Audi|A4|Sedan 2012\nBMW|X6|SUV 2012\nCitroën|C4|Hatch 2010\n')
+  photos = [p for p in sorted(os.listdir(os.path.join(TINY, 'images')))][:100]
+  folder = tmp_path / 'photos'
+  for i in range(500):
+    sub = folder / f'day{i % 5}'
+    sub.mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(TINY, 'images', photos[i % len(photos)]), sub / f'{i:03d}.jpg')
+  (folder / 'notes.txt').write_text('not a photo')
+  (tmp_path / 'empty').mkdir()
+  res = _cli('predict', '--model', str(model / 'model.tflite'), '--json', '--top-k', '2',
+             str(folder), str(tmp_path / 'empty'))
+  out = json.loads(res.stdout)
+  answers = [o for o in out if 'top_k' in o]
+  failed = {o['input']: o['error'] for o in out if 'error' in o}
+  bad_files = {p for p in failed if p != str(tmp_path / 'empty')}  # the sample's corrupt files
+  assert res.returncode == 5 and failed[str(tmp_path / 'empty')].startswith('no photo')
+  assert len(answers) + len(bad_files) == 500
+  expected = sorted(str(folder / f'day{i % 5}' / f'{i:03d}.jpg') for i in range(500))
+  assert [a['input'] for a in answers] == [p for p in expected if p not in bad_files]
+  assert 'predict: 100%' in res.stderr and '500/500' in res.stderr
+  res = _cli('predict', '--model', str(model / 'model.tflite'), '--ad', '--json', str(folder / 'day0'))
+  assert len(json.loads(res.stdout)['input']) == 100 - sum(p.startswith(str(folder / 'day0')) for p in bad_files)
