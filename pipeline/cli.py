@@ -562,18 +562,42 @@ def argv_from_env() -> None:
   sys.argv[1:] = [a.decode('utf-8', 'surrogateescape') for a in raw.split(b'\0')[:-1]]
 
 
+class Terminated(BaseException):
+  """SIGTERM (a preempted machine, `kill`, a CI timeout): unwinds like Ctrl-C, so staging
+  directories are removed and locks released before the process exits 143."""
+
+
+_STOPPED_BY: list = []  # the signal that stopped this run (Beam re-raises it as its own error)
+
+
+def _on_signal(signum, frame):  # pylint: disable=unused-argument
+  import logging  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  _STOPPED_BY.append(signum)
+  logging.disable(logging.CRITICAL)  # Beam logs the unwinding as an error with a traceback
+  raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
 def entry() -> None:
   """Console-script entry: one line per error (the traceback with --debug), named exit
   codes; exits without interpreter teardown (see README, exit 139)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGTERM, _on_signal)
+  signal.signal(signal.SIGINT, _on_signal)
   argv_from_env()
   debug = '--debug' in sys.argv[1:]
   try:
     rc = main()
   except SystemExit as e:
     rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-  except KeyboardInterrupt:
-    rc = 130
-  except Exception as e:  # pylint: disable=broad-except
+  except (KeyboardInterrupt, Terminated, Exception) as e:  # pylint: disable=broad-except
+    if _STOPPED_BY or not isinstance(e, Exception):
+      interrupted = (_STOPPED_BY[:1] == [signal.SIGINT] if _STOPPED_BY
+                     else isinstance(e, KeyboardInterrupt))
+      print(f"{'interrupted' if interrupted else 'terminated'}: finished work is kept; run the "
+            'same command again to go on', file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(130 if interrupted else 143)  # pylint: disable=protected-access
     if debug:
       import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()

@@ -422,3 +422,44 @@ def test_predict_takes_a_folder_of_500_photos_streams_them_and_shows_progress(tm
   assert 'predict: 100%' in res.stderr and '500/500' in res.stderr
   res = _cli('predict', '--model', str(model / 'model.tflite'), '--ad', '--json', str(folder / 'day0'))
   assert len(json.loads(res.stdout)['input']) == 100 - sum(p.startswith(str(folder / 'day0')) for p in bad_files)
+
+
+def _cli_bg(*args):
+  return subprocess.Popen([sys.executable, '-m', 'pipeline.cli', *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ingest_stopped_at_several_moments_then_run_again(tmp_path):
+  """SIGINT or SIGTERM before the first photo, mid-fetch or late: exit 130 / 143, nothing
+  half-written at --out, no staging left; the same command then completes."""
+  import signal
+  import time
+  from pipeline import services
+  host = services.ImageHost(os.path.join(TINY, 'images'), latency_s=0.3)
+  try:
+    out = tmp_path / 'out'
+    cmd = ('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--image-url-template',
+           host.url_template, '--out', str(out))
+    for sig, after_hits, code in ((signal.SIGTERM, 0, 143), (signal.SIGINT, 20, 130),
+                                  (signal.SIGTERM, 120, 143)):
+      host.hits.clear()
+      proc = _cli_bg(*cmd)
+      deadline = time.time() + 120
+      while sum(host.hits.values()) < max(after_hits, 1) and proc.poll() is None \
+          and time.time() < deadline:
+        time.sleep(0.05)
+      if after_hits == 0:
+        time.sleep(0.5)  # still starting: the photos have not been asked for yet
+      proc.send_signal(sig)
+      _, err = proc.communicate(timeout=120)
+      assert proc.returncode == code, (sig, proc.returncode, err[-2000:])
+      assert 'run the same command again' in err and 'Traceback' not in err
+      assert not out.exists(), sig
+      assert not list(tmp_path.glob('.out.partial-*')), sig
+    res = _cli(*cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary['rows'] == sum(summary['examples'].values()) + sum(summary['dead_letters'].values())
+    assert (out / 'examples' / 'Split-train').is_dir()
+  finally:
+    host.stop()
