@@ -49,14 +49,15 @@ def _run_locked(cfg, args, dsn) -> dict:
       cfg.ingest.image_url_template = svc['image_url_template']
       print(f"[carvision] database: {svc['dsn'].split(' password')[0]}", flush=True)
       print(f"[carvision] photo host: {svc['image_url_template']}", flush=True)
-      run.run_direct(cfg, run.card_extras(args.data))
+      run.run_direct(cfg, run.card_extras(args.data), data_dir=args.data,
+                     restart=getattr(args, 'restart', False))
   else:
     from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
     fetch.check_credentials(cfg.ingest.image_url_template)  # before any work
     if cfg.ingest.dsn:
       from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
       postgres.check_source(cfg.ingest.dsn, cfg.ingest.password_secret)  # before any work
-    run.run_direct(cfg)
+    run.run_direct(cfg, restart=getattr(args, 'restart', False))
   summary = summary_lib.summarize(cfg)
   print(summary_lib.format_summary(summary))
   if args.summary_json:
@@ -466,6 +467,8 @@ def main(argv=None) -> int:
   p.add_argument('--data', help='a directory in the car_ads format (seez.sql + images/): '
                  'serve it from a throwaway PostgreSQL and a loopback photo host')
   p.add_argument('--summary-json', help='also write the summary as JSON here')
+  p.add_argument('--restart', action='store_true',
+                 help='start over instead of resuming a stopped run of the same config and data')
   p.add_argument('--output', help='vertex: where to write the pipeline spec JSON')
   p.add_argument('--submit', action='store_true', help='vertex: also submit the compiled spec')
   p.set_defaults(fn=cmd_run)

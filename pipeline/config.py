@@ -149,6 +149,9 @@ class ModelConfig:
   dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
   early_stopping_patience: NonNegative = 3
+  # End-to-end stages write a checkpoint after an epoch at most this often (model, optimizer,
+  # early-stopping state; under the pipeline root): a stopped run goes on from there.
+  checkpoint_every_s: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
   bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
   feature_views: Annotated[int, pydantic.Field(ge=1, le=64)] = 2  # trainer MAX_VIEWS
   # End-to-end stages decode each training photo once (at model.image_size, uint8) and keep

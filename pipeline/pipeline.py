@@ -20,6 +20,8 @@ from pipeline.config import CONFIG_DIR, Config
 SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
 
 
+RESUME_DIR = '_resume'  # under the pipeline root: what a stopped run needs to go on
+
 # TFMA computes accuracies in float32: 38/40 is 0.94999999, which must pass a 0.95 gate.
 FLOAT32_SLACK = 1e-6
 
@@ -111,7 +113,10 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None,
 
   # The model and serve sections only (serve: the decision thresholds the Trainer writes
   # beside the model): a gate or push change must not invalidate a cached Trainer.
-  trainer_config = {'config': config_lib.trainer_config(cfg).to_json()}
+  # resume_dir: the Trainer's checkpoints (components/trainer/resume.py), so a stopped run
+  # continues from its last finished epoch
+  trainer_config = {'config': config_lib.trainer_config(cfg).to_json(),
+                    'resume_dir': os.path.join(cfg.path(cfg.pipeline.root), RESUME_DIR)}
   trainer_class = tfx.components.Trainer
   if vertex_training and cfg.cloud.trainer is not None:
     trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer

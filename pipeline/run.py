@@ -60,14 +60,109 @@ def machine() -> Dict[str, Any]:
   return info
 
 
-def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None) -> None:
-  """BeamDagRunner; the Beam components use the DirectRunner with cfg.pipeline.beam_args."""
+RUN_STATE = '.carvision-run.json'  # in the pipeline root: the last run's identity and status
+
+
+def run_identity(cfg: Config, data_dir: Optional[str] = None) -> str:
+  """What makes two launches the same run: the whole config and the data. With `--data`
+  the throwaway database's and photo host's addresses change every launch; the data set
+  is then named by its manifest (or its path)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  d = dataclasses.asdict(cfg)
+  if data_dir:
+    d['ingest']['dsn'] = d['ingest']['image_url_template'] = None
+    manifest = os.path.join(data_dir, 'manifest.json')
+    d['data'] = (hashlib.sha256(open(manifest, 'rb').read()).hexdigest()
+                 if os.path.exists(manifest) else os.path.abspath(data_dir))
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed_nodes(cfg: Config) -> set:
+  """The nodes whose execution in the latest pipeline run (ML Metadata) completed or was
+  reused: what a resumed run does not do again."""
+  from ml_metadata.metadata_store import metadata_store  # pylint: disable=g-import-not-at-top
+  from ml_metadata.proto import metadata_store_pb2  # pylint: disable=g-import-not-at-top
+  path = cfg.path(cfg.pipeline.metadata)
+  if not os.path.exists(path):
+    return set()
+  conn = metadata_store_pb2.ConnectionConfig()
+  conn.sqlite.filename_uri = path
+  conn.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+  store = metadata_store.MetadataStore(conn)
+  runs = sorted(store.get_contexts_by_type('pipeline_run'), key=lambda c: c.create_time_since_epoch)
+  if not runs:
+    return set()
+  ok = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+  prefix = cfg.pipeline.name + '.'
+  done = set()
+  for e in store.get_executions_by_context(runs[-1].id):
+    if e.last_known_state in ok:
+      for c in store.get_contexts_by_execution(e.id):
+        if c.name.startswith(prefix) and c.type_id != runs[-1].type_id:
+          done.add(c.name[len(prefix):])
+  return done
+
+
+def _read_state(root: str) -> Dict[str, Any]:
+  try:
+    with open(os.path.join(root, RUN_STATE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_state(root: str, state: Dict[str, Any]) -> None:
+  tmp = os.path.join(root, RUN_STATE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(state, f)
+  os.replace(tmp, os.path.join(root, RUN_STATE))
+
+
+def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None,
+               data_dir: Optional[str] = None, restart: bool = False) -> Dict[str, Any]:
+  """BeamDagRunner; the Beam components use the DirectRunner with cfg.pipeline.beam_args.
+
+  The same launch after a stop (same config, same data, the last run unfinished) resumes
+  it: nodes that completed are not run again (TFX partial run from the incomplete ones,
+  reusing the stopped run's artifacts) and the Trainer goes on from its checkpoints.
+  `restart` starts over. Returns the run state (key, started, resumes, status)."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from tfx.orchestration import pipeline as tfx_pipeline  # pylint: disable=g-import-not-at-top
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
-  from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
+  from pipeline.pipeline import RESUME_DIR, create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
-  card = card if card is not None else card_extras()
+  card = dict(card if card is not None else card_extras())
+  root = cfg.path(cfg.pipeline.root)
   with root_lock(cfg), private_tmpdir():
-    BeamDagRunner().run(create_pipeline(cfg, started(card)))
+    state, key = _read_state(root), run_identity(cfg, data_dir)
+    resuming = (not restart and state.get('key') == key and state.get('status') == 'running')
+    done = completed_nodes(cfg) if resuming else set()
+    if not resuming:
+      shutil.rmtree(os.path.join(root, RESUME_DIR), ignore_errors=True)  # another run's
+      state = {'key': key, 'status': 'running', 'resumes': 0,
+               'started': datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    else:
+      state['resumes'] = int(state.get('resumes', 0)) + 1
+    pipeline = create_pipeline(cfg, {**card, 'run_started': state['started'],
+                                     'resumes': state['resumes']})
+    order = [c.id for c in pipeline.components]
+    todo = [n for n in order if n not in done]
+    _write_state(root, state)
+    if resuming:
+      print(f"[carvision] resuming the stopped run (resume {state['resumes']}): kept "
+            f"{', '.join(n for n in order if n in done) or 'nothing'}; to run: "
+            f"{', '.join(todo) or 'nothing'}", flush=True)
+    if todo:
+      options = None
+      if done & set(order):  # a partial run from the first incomplete nodes
+        options = tfx_pipeline.RunOptions(from_nodes=todo, to_nodes=order)
+      BeamDagRunner().run(pipeline, run_options=options)
+    state['status'] = 'finished'
+    _write_state(root, state)
+    shutil.rmtree(os.path.join(root, RESUME_DIR), ignore_errors=True)
+  return state
 
 
 LOCK_NAME = '.carvision.lock'
@@ -136,6 +231,9 @@ def private_tmpdir():
       os.environ['TMPDIR'] = before
     tempfile.tempdir = cached
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+
 
 
 def started(card: Dict[str, Any]) -> Dict[str, Any]:

@@ -434,3 +434,72 @@ def test_new_span_with_a_new_class_warm_starts_from_the_blessed_model(first_run,
   assert list(card['training']['stages']) and 'head' in card['training']['stages']
   stages = card['training']['stages']
   assert stages['activations_on_disk'] is True and stages['decoded_photos_in_memory'] is False
+
+
+def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host, tmp_path):
+  """SIGKILL while the Trainer is inside its end-to-end stage, then the same command: the
+  nodes that completed (ExampleGen, Transform, ...) are not executed again, the Trainer goes on
+  from its last epoch checkpoint, the card says it resumed, and the model is the
+  uninterrupted run's within a few photos (the resumed epochs see the photos in another order)."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+  import yaml
+  from tests.conftest import REPO
+  host = image_host
+  stages = [{'name': 'head', 'trainable': 'none', 'epochs': 3, 'learning_rate': 3e-3},
+            {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,
+             'epochs': 4, 'learning_rate': 1e-4, 'patience': 4}]
+  over = {**EASY, **QUICK_EXPORT, 'model.stages': stages, 'model.feature_views': 1,
+          'model.checkpoint_every_s': 0, 'evaluate.tfma': False}
+  ref = _config(tmp_path / 'ref', host.url_template, tiny_dsn, **over)
+  run.run_direct(ref)
+  reference = summary_lib.summarize(ref)
+
+  root = tmp_path / 'killed'
+  settings = {'extends': os.path.join(REPO, 'configs', 'demo.yaml'), 'model': {}, 'evaluate': {},
+              'pipeline': {'root': str(root), 'metadata': str(root / 'mlmd.sqlite')},
+              'push': {'dir': str(tmp_path / 'killed_push')},
+              'ingest': {'dsn': tiny_dsn, 'image_url_template': host.url_template}}
+  for k, v in {**over, **SMALL}.items():
+    section, key = k.split('.')
+    settings[section][key] = v
+  (tmp_path / 'resume.yaml').write_text(yaml.safe_dump(settings))
+  cmd = [sys.executable, '-m', 'pipeline.cli', 'run', '--config', str(tmp_path / 'resume.yaml')]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  deadline = time.time() + 900
+  while not glob.glob(str(root / '_resume' / 'Trainer' / '*' / 'epoch-*')):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.2)
+  os.killpg(proc.pid, signal.SIGKILL)  # no clean-up of any kind
+  proc.wait()
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+  assert '[carvision] resuming the stopped run (resume 1): kept CarAdsExampleGen' in res.stdout
+
+  from ml_metadata.metadata_store import metadata_store
+  from ml_metadata.proto import metadata_store_pb2
+  conn = metadata_store_pb2.ConnectionConfig()
+  conn.sqlite.filename_uri = str(root / 'mlmd.sqlite')
+  store = metadata_store.MetadataStore(conn)
+  node_runs = {}
+  for ctx in store.get_contexts_by_type('node'):
+    node = ctx.name.split('.', 1)[1]
+    node_runs[node] = sum(e.last_known_state == metadata_store_pb2.Execution.COMPLETE
+                          for e in store.get_executions_by_context(ctx.id))
+  assert node_runs['CarAdsExampleGen'] == node_runs['Transform'] == 1, node_runs  # not again
+  assert node_runs['Trainer'] == 1 and node_runs['VersionedPusher'] == 1, node_runs
+
+  (version,) = glob.glob(str(tmp_path / 'killed_push' / '*'))
+  card = json.load(open(os.path.join(version, 'model_card.json')))
+  assert card['resumes'] == 1
+  (resumed,) = card['training']['resumed']
+  assert resumed['attempt'] == 2 and resumed['stages_done'] == 1 and resumed['stage_epoch'] >= 1
+  assert len(card['training']['stages']['body']['val_class_top1']) == 4
+  s = summary_lib.summarize(config_lib.load(str(tmp_path / 'resume.yaml')))
+  for key in ('top1_accuracy', 'top5_accuracy'):
+    assert abs(s['int8_gate'][key]['value'] - reference['int8_gate'][key]['value']) <= 0.1, key
+  assert not (root / '_resume').exists()  # a finished run keeps no checkpoints

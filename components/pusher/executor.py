@@ -98,14 +98,15 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'data': {'ingestion': ingest,
                'examples_fingerprint': examples_fingerprint,
                **extras.get('data', {})},
-      'training': {'seconds': history.get('train_seconds'),
+      'training': {'seconds': history.get('train_seconds'),  # summed over resumed attempts
+                   'resumed': history.get('stages', {}).get('resumed'),
                    'warm_start': history.get('warm_start'),
                    # per stage: seconds, train size, roll-back, validation top-1 by epoch
                    'stages': {k: ({m: v for m, v in s.items()
                                    if m in ('seconds', 'rolled_back', 'image_size',
                                             'val_class_top1')}
                                   if isinstance(s, dict) else s)
-                              for k, s in history.get('stages', {}).items()}},
+                              for k, s in history.get('stages', {}).items() if k != 'resumed'}},
       'config': extras.get('config', training.get('config')),
       'code_version': extras.get('code_version'),
       'command': extras.get('command'),
@@ -113,6 +114,8 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'timestamps': {'run_started': extras.get('run_started'),
                      'trained': training.get('exported_at'), 'pushed': now.isoformat()},
       'wall_seconds': _since(extras.get('run_started'), now),
+      # launches after the first one that resumed this run (a stop, then the same command)
+      'resumes': extras.get('resumes', 0),
       'model_artifact': model_uri,
       'license': extras.get('license'),
   }

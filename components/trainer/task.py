@@ -24,6 +24,14 @@ from components import images
 from components import names
 from components.trainer import model as M
 from components.trainer import export
+from components.trainer import resume
+
+
+class _History:  # pylint: disable=too-few-public-methods
+  """What a stage returns: its per-epoch history (as keras.callbacks.History has it)."""
+
+  def __init__(self, history: Dict):
+    self.history = history
 
 
 def check_inputs(train_files: List[str], validation_files: List[str]) -> Dict[str, List[str]]:
@@ -368,8 +376,8 @@ def run_fn(fn_args):
   with strategy.scope():
     run = Training(fn_args, cfg, strategy.num_replicas_in_sync)
     run.start()
-    for stage in run.stages:
-      run.stage(stage)
+    for index, stage in enumerate(run.stages):
+      run.stage(stage, index)
     run.finish()
 
 
@@ -411,6 +419,12 @@ class Training:
     # A warm start continues a trained model: the short schedule when one is configured.
     self.stages = (self.mc.warm_start_stages if self.source and self.mc.warm_start_stages
                    else self.mc.stages)
+    # Checkpoints under the pipeline root, keyed by what decides the result (resume.py).
+    custom = getattr(fn_args, 'custom_config', None) or {}
+    self.ckpt = resume.Checkpoints(custom.get('resume_dir'), resume.run_key(
+        custom.get('config', ''), [*self.train_files, *self.eval_files, fn_args.transform_output,
+                                   self.source or '']), self.mc.checkpoint_every_s)
+    self.done, self.resumed, self.seconds_before, self.attempt = 0, None, 0.0, 1
 
   # --- data ---------------------------------------------------------------------------
 
@@ -439,11 +453,35 @@ class Training:
       self.best = self.full.evaluate(self.validation, return_dict=True, verbose=0)['class_top1']
       self.started_from['validation_top1'] = float(self.best)
       logging.info('warm start: %s', self.started_from)
+    self.resumed = self.ckpt.latest()
+    if self.resumed:  # a stopped Trainer of this very run: its finished stages are kept
+      if self.resumed.get('done_path'):
+        resume.Checkpoints.restore(self.resumed['done_path'], self.full)
+      self.done, self.best = int(self.resumed['done']), float(self.resumed['best'])
+      self.history = self.resumed['history']
+      self.seconds_before = float(self.resumed['seconds'])
+      self.attempt = int(self.resumed.get('attempt', 1)) + 1
+      mid = self.resumed.get('stage') or {}
+      self.history['resumed'] = self.history.get('resumed', []) + [
+          {'attempt': self.attempt, 'stages_done': self.done, 'stage_epoch': mid.get('epoch')}]
+      logging.info('resuming from %s: %d stages done%s', self.resumed['path'], self.done,
+                   f", stage {mid['index']} after epoch {mid['epoch']}" if mid else '')
 
-  def _stop(self, stage):
+  def state(self) -> Dict:
+    """What a checkpoint carries besides the weights (resume.py)."""
+    return {'done': self.done, 'best': float(self.best), 'history': self.history,
+            'seconds': self.seconds_before + time.time() - self.t0, 'attempt': self.attempt}
+
+  def _mid_stage(self, index: int) -> Optional[Dict]:
+    mid = (self.resumed or {}).get('stage')
+    return {**mid, 'path': self.resumed['path']} if mid and mid['index'] == index else None
+
+  def _stop(self, stage, mid: Optional[Dict] = None):
     patience = self.mc.early_stopping_patience if stage.patience is None else stage.patience
-    return keras.callbacks.EarlyStopping(monitor='val_class_top1', mode='max', patience=patience,
-                                         restore_best_weights=True)
+    return resume.ResumableStop(
+        restored=mid['stop'] if mid else None,
+        best_weights=resume.Checkpoints.best_weights(mid['path']) if mid else None,
+        monitor='val_class_top1', mode='max', patience=patience, restore_best_weights=True)
 
   def _cached_tops(self) -> List[int]:
     return [st.top_blocks for st in self.stages if st.trainable == 'top_blocks' and st.cached]
@@ -530,9 +568,10 @@ class Training:
     M.el.copy_weights(self.upper, self.base)
     return h
 
-  def fit_end_to_end(self, stage):
+  def fit_end_to_end(self, stage, index: int = 0):
     """Photos through the network, the chosen blocks trainable, at the stage's size
-    (FixRes: a lower training size) with standard or light augmentation."""
+    (FixRes: a lower training size) with standard or light augmentation; checkpointed after
+    epochs and, when a checkpoint of this stage exists, continued from it."""
     M.set_trainable(self.base, stage.trainable, stage.top_blocks)
     at = stage.image_size or self.size
     if at != self.size and self.full.input_shape[1] is not None:
@@ -541,17 +580,30 @@ class Training:
     per_epoch = max(1, self.n_train // self.batch)
     _compile(self.full, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing)
+    mid = self._mid_stage(index)
+    stop = self._stop(stage, mid)
+    saver = resume.EpochCheckpoint(self.ckpt, self.state, index, stage.epochs, stop,
+                                   mid['history'] if mid else None)
+    if mid and (mid['stopped'] or mid['epoch'] >= stage.epochs):
+      if stop._restored_weights is not None:  # pylint: disable=protected-access
+        self.full.set_weights(stop._restored_weights)  # what on_train_end would have done
+      return _History(dict(saver.history, image_size=at))
+    if mid:
+      self.full.optimizer.build(self.full.trainable_variables)
+      resume.Checkpoints.restore(mid['path'], self.full, self.full.optimizer)
     train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
                       light=stage.augment == 'light')
-    h = self.full.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
-                      validation_data=self.validation, callbacks=[self._stop(stage), self.tb],
-                      verbose=2)
-    h.history['image_size'] = at
-    return h
+    self.full.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
+                  initial_epoch=mid['epoch'] if mid else 0, validation_data=self.validation,
+                  callbacks=[stop, saver, self.tb], verbose=2)
+    return _History(dict(saver.history, image_size=at))
 
-  def stage(self, stage) -> None:
+  def stage(self, stage, index: int = 0) -> None:
     """Runs one stage with the function of its kind; rolls it back if its best validation
-    top-1 is below the best before it."""
+    top-1 is below the best before it. A stage a stopped run finished is not run again."""
+    if index < self.done:
+      logging.info('stage %s: finished before the stop, kept', stage.name)
+      return
     ts = time.time()
     before = self.full.get_weights()
     if stage.trainable == 'none':
@@ -562,7 +614,7 @@ class Training:
       kind = self.fit_end_to_end
     if kind != self.fit_end_to_end and self.cache is None:
       self.cache = self._build_cache()
-    h = kind(stage)
+    h = kind(stage, index) if kind == self.fit_end_to_end else kind(stage)
     record = {k: (v if k == 'image_size' else [float(x) for x in v]) for k, v in h.history.items()}
     record['seconds'] = time.time() - ts
     stage_best = max(h.history.get('val_class_top1', [0.0]))
@@ -575,6 +627,8 @@ class Training:
                    stage.name, stage_best, self.best)
     self.best = max(self.best, stage_best)
     self.history[stage.name] = record
+    self.done = index + 1
+    self.ckpt.write(self.state(), self.full, kind='done')
     logging.info('stage %s done in %.1fs: %s', stage.name, time.time() - ts, record)
 
   def finish(self) -> None:
@@ -600,4 +654,4 @@ class Training:
     export.export_all(self.full, self.tft_out, self.fn_args, self.cfg, history={
         'stages': self.history, 'validation': final, 'warm_start': self.started_from,
         'inputs': self.opened, 'calibration': calibrated, 'serve': serve,
-        'train_seconds': time.time() - self.t0})
+        'train_seconds': self.seconds_before + time.time() - self.t0})
