@@ -16,6 +16,7 @@ EXIT_USAGE = 2         # a command-line or configuration value to fix (the messa
 EXIT_DATA = 3          # the source: database unreachable or refused, too many dead letters
 EXIT_NOT_BLESSED = 4   # run: a gate refused the model; evaluate: below --top1-min/--top5-min
 EXIT_SOME_INPUTS = 5   # predict: some photos could not be read (the others were answered)
+QUIET_COMMANDS = ('run', 'demo', 'ingest', 'audit')  # library chatter hidden unless --verbose
 EXIT_BUSY = 6          # another carvision process is writing the same --out / pipeline root
 
 SAMPLE_DIR = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
@@ -440,6 +441,8 @@ def main(argv=None) -> int:
   parser.add_argument('--version', action='version', version=f'carvision {_version()}')
   parser.add_argument('--debug', action='store_true',
                       help='on an error, also print the Python traceback')
+  parser.add_argument('--verbose', action='store_true',
+                      help='show what TensorFlow, absl and Beam print (hidden by default)')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   def common(p, default_config='default'):
@@ -533,6 +536,9 @@ def main(argv=None) -> int:
 
   args = parser.parse_args(argv)
   tempfile.tempdir = os.environ.get('TMPDIR') or None
+  if args.command in QUIET_COMMANDS and not args.verbose:
+    from pipeline import quiet  # pylint: disable=g-import-not-at-top
+    quiet.install()
   return args.fn(args)
 
 
@@ -588,6 +594,7 @@ def entry() -> None:
   signal.signal(signal.SIGTERM, _on_signal)
   signal.signal(signal.SIGINT, _on_signal)
   argv_from_env()
+  sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also in a file
   debug = '--debug' in sys.argv[1:]
   try:
     rc = main()
@@ -599,15 +606,20 @@ def entry() -> None:
                      else isinstance(e, KeyboardInterrupt))
       print(f"{'interrupted' if interrupted else 'terminated'}: finished work is kept; run the "
             'same command again to go on', file=sys.stderr)
-      sys.stderr.flush()
-      os._exit(130 if interrupted else 143)  # pylint: disable=protected-access
+      _leave(130 if interrupted else 143)
     if debug:
       import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()
     rc, line = explain(e)
     print(line, file=sys.stderr)
+  _leave(rc)
+
+
+def _leave(rc: int) -> None:
+  from pipeline import quiet  # pylint: disable=g-import-not-at-top
   sys.stdout.flush()
   sys.stderr.flush()
+  quiet.uninstall()  # the filtered stderr's last lines
   os._exit(rc)  # pylint: disable=protected-access
 
 

@@ -63,6 +63,29 @@ def machine() -> Dict[str, Any]:
 RUN_STATE = '.carvision-run.json'  # in the pipeline root: the last run's identity and status
 
 
+def progress_runner():
+  """TFX's BeamDagRunner, with one line as each component starts and as it ends."""
+  import time  # pylint: disable=g-import-not-at-top
+  from tfx.orchestration.beam import beam_dag_runner  # pylint: disable=g-import-not-at-top
+  from components.progress import duration, say  # pylint: disable=g-import-not-at-top
+
+  class Node(beam_dag_runner.PipelineNodeAsDoFn):
+
+    def process(self, element, *signals):
+      shown = not self._node_id.endswith('resolver')  # a lookup, not a step of its own
+      t0 = time.time()
+      if shown:
+        say(f'{self._node_id} ...')
+      super().process(element, *signals)
+      if shown:
+        say(f'{self._node_id} done in {duration(time.time() - t0)}')
+
+  class Runner(beam_dag_runner.BeamDagRunner):
+    _PIPELINE_NODE_DO_FN_CLS = Node
+
+  return Runner()
+
+
 def run_identity(cfg: Config, data_dir: Optional[str] = None) -> str:
   """What makes two launches the same run: the whole config and the data. With `--data`
   the throwaway database's and photo host's addresses change every launch; the data set
@@ -130,7 +153,6 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None,
   import datetime  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   from tfx.orchestration import pipeline as tfx_pipeline  # pylint: disable=g-import-not-at-top
-  from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
   from pipeline.pipeline import RESUME_DIR, create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
   card = dict(card if card is not None else card_extras())
@@ -158,7 +180,7 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None,
       options = None
       if done & set(order):  # a partial run from the first incomplete nodes
         options = tfx_pipeline.RunOptions(from_nodes=todo, to_nodes=order)
-      BeamDagRunner().run(pipeline, run_options=options)
+      progress_runner().run(pipeline, run_options=options)
     state['status'] = 'finished'
     _write_state(root, state)
     shutil.rmtree(os.path.join(root, RESUME_DIR), ignore_errors=True)

@@ -436,6 +436,13 @@ def test_new_span_with_a_new_class_warm_starts_from_the_blessed_model(first_run,
   assert stages['activations_on_disk'] is True and stages['decoded_photos_in_memory'] is False
 
 
+# What a run printed on 2026-12-01 before it was quiet by default (issue #25).
+TODAYS_NOISE = ('oneDNN custom operations', 'Could not find cuda drivers', 'failed call to cuInit',
+                'No semi_persistent_directory found', 'ArtifactQuery.property_predicate is not supported',
+                'All log messages before absl::InitializeLog', 'payload_format custom property',
+                'Tables initialized inside a tf.function', 'DeprecationWarning')
+
+
 def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host, tmp_path):
   """SIGKILL while the Trainer is inside its end-to-end stage, then the same command: the
   nodes that completed (ExampleGen, Transform, ...) are not executed again, the Trainer goes on
@@ -479,6 +486,14 @@ def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host,
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
   assert '[carvision] resuming the stopped run (resume 1): kept CarAdsExampleGen' in res.stdout
+  # quiet by default: progress lines, none of the libraries' start-up chatter
+  for noise in TODAYS_NOISE:
+    assert noise not in res.stderr and noise not in res.stdout, noise
+  assert '[carvision] Trainer: stage 2/2 body' in res.stdout
+  assert '[carvision] Trainer: stage head finished before the stop: kept' in res.stdout
+  assert '[carvision] Trainer: stage body epoch 4/4, validation top-1 ' in res.stdout
+  assert '[carvision] TFLiteEvaluator done in ' in res.stdout
+  assert '[carvision] CarAdsExampleGen ...' not in res.stdout  # kept, not run again
 
   from ml_metadata.metadata_store import metadata_store
   from ml_metadata.proto import metadata_store_pb2

@@ -27,6 +27,35 @@ from components.trainer import export
 from components.trainer import resume
 
 
+class Progress(keras.callbacks.Callback):
+  """One line per epoch (at most one each 10 s, and the last): the stage, epoch i/n,
+  validation top-1, and the time left in the stage."""
+
+  def __init__(self, stage_name: str, epochs: int, initial_epoch: int = 0, every_s: float = 10.0):
+    super().__init__()
+    self.name, self.epochs, self.first, self.every_s = stage_name, epochs, initial_epoch, every_s
+    self.t0 = self.last = time.time()
+
+  def on_train_begin(self, logs=None):
+    self.t0 = self.last = time.time()
+
+  def on_epoch_end(self, epoch, logs=None):
+    from components.progress import duration, say  # pylint: disable=g-import-not-at-top
+    now = time.time()
+    done = epoch + 1
+    last = done >= self.epochs or self.model.stop_training
+    if not last and now - self.last < self.every_s:
+      return
+    self.last = now
+    per = (now - self.t0) / max(1, done - self.first)
+    val = (logs or {}).get('val_class_top1')
+    left = 'stopping early' if self.model.stop_training and done < self.epochs else (
+        f'about {duration(per * (self.epochs - done))} left in the stage' if not last else 'stage done')
+    say(f'Trainer: stage {self.name} epoch {done}/{self.epochs}'
+        + (f', validation top-1 {val:.3f}' if val is not None else '')
+        + f', {duration(per)} an epoch, {left}')
+
+
 class _History:  # pylint: disable=too-few-public-methods
   """What a stage returns: its per-epoch history (as keras.callbacks.History has it)."""
 
@@ -550,7 +579,8 @@ class Training:
     steps = len(train) * stage.epochs
     _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     return self.head.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
-        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb], verbose=2)
+        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb, Progress(stage.name, stage.epochs)],
+        verbose=0)
 
   def fit_cached_top(self, stage):
     """Top blocks + heads on cached lower activations; copied back into the backbone."""
@@ -564,7 +594,8 @@ class Training:
     steps = len(train) * stage.epochs
     _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     h = top.fit(train, epochs=stage.epochs, validation_data=ArrayBatches(
-        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb], verbose=2)
+        xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb, Progress(stage.name, stage.epochs)],
+        verbose=0)
     M.el.copy_weights(self.upper, self.base)
     return h
 
@@ -595,15 +626,22 @@ class Training:
                       light=stage.augment == 'light')
     self.full.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
                   initial_epoch=mid['epoch'] if mid else 0, validation_data=self.validation,
-                  callbacks=[stop, saver, self.tb], verbose=2)
+                  callbacks=[stop, saver, self.tb,
+                             Progress(stage.name, stage.epochs, mid['epoch'] if mid else 0)],
+                  verbose=0)
     return _History(dict(saver.history, image_size=at))
 
   def stage(self, stage, index: int = 0) -> None:
     """Runs one stage with the function of its kind; rolls it back if its best validation
     top-1 is below the best before it. A stage a stopped run finished is not run again."""
+    from components.progress import say  # pylint: disable=g-import-not-at-top
     if index < self.done:
-      logging.info('stage %s: finished before the stop, kept', stage.name)
+      say(f'Trainer: stage {stage.name} finished before the stop: kept')
       return
+    say(f'Trainer: stage {index + 1}/{len(self.stages)} {stage.name} ({stage.epochs} epochs, '
+        + ('heads' if stage.trainable == 'none' else f'{stage.trainable} {stage.top_blocks}'
+           if stage.trainable == 'top_blocks' else stage.trainable)
+        + (f' at {stage.image_size} px' if stage.image_size else '') + ')')
     ts = time.time()
     before = self.full.get_weights()
     if stage.trainable == 'none':
