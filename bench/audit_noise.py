@@ -120,7 +120,7 @@ def main():
       results[method].append(measure(scores, is_wrong, [wrong.get(v.ad_id) for v in verdicts]))
   for method, runs in results.items():
     mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != 'found_in_top_k'}
-    mean['found_in_top_k'] = {kind: float(np.mean([r['found_in_top_k'].get(kind, np.nan) for r in runs]))
+    mean['found_in_top_k'] = {kind: float(np.nanmean([r['found_in_top_k'].get(kind, np.nan) for r in runs]))
                               for kind in KIND_OF_NOISE}
     print(json.dumps({'method': method, 'split': args.split, 'ads': len(truth),
                       'rate': args.rate, 'seeds': args.seeds, 'model': args.model,

@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402
 
 from components import calibration, evaluation, serving  # noqa: E402
 from components.example_gen import records  # noqa: E402
-from pipeline import cli  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def _answers(model, rows, data_dir, max_pixels):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--data', required=True)
-  ap.add_argument('--model', default=cli.SHIPPED_MODEL)
+  ap.add_argument('--model', default=os.path.join(config_lib.REPO_ROOT, 'models', 'car_ads'))
   ap.add_argument('--config', default='car_ads')
   ap.add_argument('--fit-on', default='validation', choices=['validation', 'half-of-test'],
                   help='half-of-test: fit on half the test ads, judge on the other half (for a '

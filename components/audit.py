@@ -30,7 +30,8 @@ KINDS = (OTHER_MAKE, OTHER_MODEL, OTHER_SUBMODEL, NOT_SURE, AGREES)
 
 # Methods the benchmark compares (bench/audit_noise.py); METHOD is the one chosen there on
 # the validation split.
-METHODS = ('mean_self_confidence', 'product_self_confidence', 'product_normalized_margin')
+METHODS = ('mean_self_confidence', 'product_self_confidence', 'product_self_confidence_adjusted',
+           'product_normalized_margin')
 METHOD = 'product_normalized_margin'
 SURE = 0.5  # a disagreement is named only when the photos' other class is this probable
 
@@ -82,10 +83,12 @@ def listing_scores(ad_probs: np.ndarray, listed: np.ndarray, method: str = METHO
   (self_confidence = p(listed); normalized_margin = p(listed) - max other, rescaled)."""
   from cleanlab.rank import get_label_quality_scores  # pylint: disable=g-import-not-at-top
   quality_method = method.split('_', 1)[1]
+  adjust = quality_method.endswith('_adjusted')  # confident learning's per-class thresholds
+  quality_method = quality_method.replace('_adjusted', '')
   if not len(listed):
     return np.zeros(0)
   quality = get_label_quality_scores(listed, ad_probs, method=quality_method,
-                                     adjust_pred_probs=False)
+                                     adjust_pred_probs=adjust)
   return 1.0 - np.asarray(quality, dtype=np.float64)
 
 

@@ -11,11 +11,13 @@ SERVE = 'serve.json'             # thresholds of the class / make / not-sure dec
 SEEN_ADS = 'seen_ads.json'       # the ads whose photos trained (train) or chose (validation) the model
 TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
 MODEL_CARD = 'model_card.json'
+METRICS_JSON = 'metrics.json'    # the int8 gate's figures and verdicts (TFLiteEvaluator output)
 REPORT_HTML = 'report.html'      # the gate's report (and its figures below)
 REPORT_PNG = 'report.png'        # per-make accuracy
 RISK_COVERAGE_PNG = 'risk_coverage.png'
 PUSHED_SAVED_MODEL = 'saved_model'
 CLASS_SEP = '|'                  # make|model|submodel
+TARGET_PRECISION = 0.95          # default precision of class / make answers (serve.target_precision)
 
 
 def split_label(label: str):

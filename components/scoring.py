@@ -11,6 +11,7 @@ import numpy as np
 
 from components import calibration
 from components import decision
+from components import names
 from components.decision import make_of
 
 
@@ -23,7 +24,7 @@ def thresholds(serve_cfg, saved: Optional[Dict]) -> Dict:
     v = getattr(serve_cfg, key, None) if serve_cfg is not None else None
     out[key] = v if v is not None else saved.get(key)
   out['target_precision'] = (getattr(serve_cfg, 'target_precision', None)
-                             or saved.get('target_precision') or 0.95)
+                             or saved.get('target_precision') or names.TARGET_PRECISION)
   return out
 
 
@@ -88,7 +89,7 @@ def _answers(probs, labels, y, answers: Optional[Dict]) -> Optional[Dict]:
   answers = answers or {}
   return decision.evaluate(probs, labels, y, answers.get('class_min_confidence'),
                            answers.get('make_min_confidence'),
-                           answers.get('target_precision') or 0.95)
+                           answers.get('target_precision') or names.TARGET_PRECISION)
 
 
 def make_check(metrics: Dict, min_top1: Optional[float], min_photos: int) -> Optional[Dict]:

@@ -45,6 +45,7 @@ Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
 Positive = Annotated[int, pydantic.Field(gt=0)]
 NonNegative = Annotated[int, pydantic.Field(ge=0)]
 Seconds = Annotated[float, pydantic.Field(gt=0.0)]
+PositiveFloat = Annotated[float, pydantic.Field(gt=0.0)]
 BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
 TRAINABLE = ('none', 'top_blocks', 'all')
 AUGMENT = ('standard', 'light')
@@ -119,7 +120,7 @@ class StageConfig:
   name: str = 'head'
   trainable: Annotated[str, _one_of(TRAINABLE)] = 'none'
   epochs: Positive = 1
-  learning_rate: Seconds = 1e-3
+  learning_rate: PositiveFloat = 1e-3
   top_blocks: Positive = 2
   # top_blocks only: train on activations of the frozen lower network computed once
   # (with the frozen stage's views) instead of running the whole network every step.
@@ -181,7 +182,7 @@ class ModelConfig:
       default_factory=lambda: ['full'])
   # Where training starts: `none` (ImageNet weights), `latest_blessed` (the latest model this
   # pipeline's int8 gate blessed, TFX base_model; ImageNet on the first run) or a path to a
-  # Trainer output / pushed version. Same backbone; labels are mapped (new classes start fresh).
+  # Trainer output / pushed version. Same backbone; labels are mapped (new classes start silent: a zero row, the lowest bias).
   warm_start: Annotated[Optional[str], _check(lambda v: check_warm_start(v))] = 'none'
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)

@@ -13,7 +13,6 @@ from components import features as F
 from components.example_gen.component import CarAdsExampleGen
 from components.pusher.component import VersionedPusher
 from components.tflite_evaluator.component import TFLiteEvaluator
-from components.trainer import model as trainer_model
 from pipeline import config as config_lib
 from pipeline.config import CONFIG_DIR, Config
 
@@ -83,7 +82,6 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None,
                     vertex_training: bool = False) -> tfx.dsl.Pipeline:
   """The pipeline in data order. `card`: extra model-card fields (command, data, code version).
   `vertex_training`: the Trainer runs as a Vertex AI custom job (`cloud.trainer`)."""
-  trainer_model.parse_views(cfg.model.serving_views)  # a bad view fails here, not after ingestion
   ingest = dataclasses.asdict(cfg.ingest)
   if ingest['csv']:
     ingest['csv'] = cfg.path(ingest['csv'])

@@ -236,9 +236,8 @@ def root_lock(cfg: Config, fresh: bool = False):
 
 @contextlib.contextmanager
 def private_tmpdir():
-  """TMPDIR for one run, removed after it. Each Beam component leaves an sdist of TFX there
-  (tfx's dependency_utils repackages its own installation, 52 MB a time, and never deletes
-  it): 7 GB of them had piled up in one environment's /tmp."""
+  """TMPDIR for one run, removed after it: each Beam component leaves an sdist of TFX there
+  (tfx's dependency_utils repackages its own installation, about 50 MB, and never deletes it)."""
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   before, cached = os.environ.get('TMPDIR'), tempfile.tempdir

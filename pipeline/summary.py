@@ -52,7 +52,7 @@ def summarize(cfg: Config) -> Dict[str, Any]:
   judged = {}
   if lite_eval is not None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    path = os.path.join(lite_eval.uri, 'metrics.json')
+    path = os.path.join(lite_eval.uri, names.METRICS_JSON)
     if tf.io.gfile.exists(path):
       with tf.io.gfile.GFile(path) as f:
         judged = json.load(f)

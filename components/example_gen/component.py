@@ -10,12 +10,8 @@ from tfx.dsl.components.base import executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from components.artifacts import DeadLetters
 from components.example_gen import executor
-
-
-class DeadLetters(types.Artifact):
-  """Rows that did not become examples: JSON lines (ad_id, p_hash, reason, detail) + summary.json."""
-  TYPE_NAME = 'carvision.DeadLetters'
 
 
 class CarAdsExampleGenSpec(types.ComponentSpec):

@@ -7,7 +7,7 @@ from tfx.dsl.components.base import executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
-from components.example_gen.component import DeadLetters
+from components.artifacts import DeadLetters
 from components.pusher import executor
 
 

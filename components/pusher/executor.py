@@ -140,7 +140,7 @@ class Executor(base_executor.BaseExecutor):
     src = os.path.join(model.uri, names.SERVING_DIR)
     tdir = os.path.join(src, names.TFLITE_DIR)
     evaluation = artifact_utils.get_single_instance(input_dict['tflite_evaluation'])
-    with tf.io.gfile.GFile(os.path.join(evaluation.uri, 'metrics.json')) as f:
+    with tf.io.gfile.GFile(os.path.join(evaluation.uri, names.METRICS_JSON)) as f:
       judged = json.load(f)
     with tf.io.gfile.GFile(os.path.join(tdir, names.TRAINING_JSON)) as f:
       training = json.load(f)
@@ -169,7 +169,7 @@ class Executor(base_executor.BaseExecutor):
     for name in (names.REPORT_HTML, names.REPORT_PNG, names.RISK_COVERAGE_PNG):
       if tf.io.gfile.exists(os.path.join(evaluation.uri, name)):
         tf.io.gfile.copy(os.path.join(evaluation.uri, name), os.path.join(partial, name), True)
-    io_utils.copy_dir(src, os.path.join(partial, 'saved_model'))
+    io_utils.copy_dir(src, os.path.join(partial, names.PUSHED_SAVED_MODEL))
     examples = input_dict.get('examples')
     dead = input_dict.get('dead_letters')
     ingest = json.loads(dead[0].get_string_custom_property('summary') or '{}') if dead else {}

@@ -12,7 +12,8 @@ from components.tflite_evaluator import executor
 
 class TFLiteEvaluatorSpec(types.ComponentSpec):
   PARAMETERS = {
-      # JSON: top1_min, top5_min, max_regression, max_int8_drop.
+      # JSON: top1_min, top5_min, max_regression, max_int8_drop, min_make_top1 (None: no
+      # per-make gate), min_make_photos.
       'gate_config': ExecutionParameter(type=str),
       'split': ExecutionParameter(type=str, optional=True),
   }

@@ -26,7 +26,7 @@ from components import scoring
 from components import serving
 
 BLESSED_FILE, NOT_BLESSED_FILE = 'BLESSED', 'NOT_BLESSED'
-METRICS_FILE = 'metrics.json'
+METRICS_FILE = names.METRICS_JSON
 
 
 class _Predict(beam.DoFn):
