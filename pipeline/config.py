@@ -16,11 +16,14 @@ import pydantic
 import pydantic.dataclasses
 import yaml
 
-from components.backbone import efficientnet_lite, tf_checkpoint
-from components.views import parse_views
-
 from components.errors import UserError
 from components.features import SPLIT_ROLES
+from components.trainer.config import (BACKBONES, WARM_STARTS, ModelConfig, ServeConfig,  # noqa: F401
+                                       StageConfig, TrainerConfig, check_warm_start,
+                                       trainer_config_from_json)
+from components.validation import (STRICT as _STRICT, Fraction, NonNegative, Positive,  # noqa: F401
+                                   PositiveFloat, Seconds, check as _check,
+                                   explain as _explain, one_of as _one_of)
 
 # `split_for` takes names in sorted order, so {test: 20, train: 70, validation: 10} puts in
 # `test` exactly the ads that the old {train: 80, eval: 20} put in `eval`.
@@ -29,44 +32,12 @@ OLD_SPLITS_HINT = ("the two-split layout {train, eval} was replaced by {train, v
                    "(test = the old eval ads)")
 
 ConfigError = UserError  # a configuration or command-line value; the message names it
-SECRET_KEYS = ('dsn',)   # their values are never echoed in an error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
 if not os.path.isdir(CONFIG_DIR):  # installed from a wheel: setup.py's data_files
   import sys  # pylint: disable=g-import-not-at-top
   CONFIG_DIR = os.path.join(sys.prefix, 'carvision', 'configs')
-
-
-# Every section is a pydantic dataclass: values are checked (types, ranges, choices) when a
-# config is built or a field is assigned, and unknown keys are errors. One source of defaults.
-_STRICT = pydantic.ConfigDict(extra='forbid', validate_assignment=True)
-Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
-Positive = Annotated[int, pydantic.Field(gt=0)]
-NonNegative = Annotated[int, pydantic.Field(ge=0)]
-Seconds = Annotated[float, pydantic.Field(gt=0.0)]
-PositiveFloat = Annotated[float, pydantic.Field(gt=0.0)]
-BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
-TRAINABLE = ('none', 'top_blocks', 'all')
-AUGMENT = ('standard', 'light')
-WARM_STARTS = ('none', 'latest_blessed')
-
-
-def _one_of(values):
-  def check(v):
-    if v not in values:
-      raise ValueError(f'one of {", ".join(values)}')
-    return v
-  return pydantic.AfterValidator(check)
-
-
-def _check(fn):
-  """A plain check (raising ValueError) as a pydantic validator."""
-  def run(v):
-    if v is not None:
-      fn(v)
-    return v
-  return pydantic.AfterValidator(run)
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
@@ -116,96 +87,6 @@ class IngestConfig:
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
-class StageConfig:
-  name: str = 'head'
-  trainable: Annotated[str, _one_of(TRAINABLE)] = 'none'
-  epochs: Positive = 1
-  learning_rate: PositiveFloat = 1e-3
-  top_blocks: Positive = 2
-  # top_blocks only: train on activations of the frozen lower network computed once
-  # (with the frozen stage's views) instead of running the whole network every step.
-  cached: bool = False
-  patience: Optional[NonNegative] = None  # early stopping for this stage; default model.early_stopping_patience
-  # End-to-end stages only: train at this size (default model.image_size, the serving size).
-  # Lower than the serving size = FixRes: cheaper steps, and random crops at train size see
-  # cars about as large as whole photos at the (higher) test size. Validation is always at
-  # model.image_size, the size that ships.
-  image_size: Optional[Annotated[int, pydantic.Field(ge=32, le=1024)]] = None
-  # standard: random resized crop (50-100 % area), flip, colour; light: the whole photo and
-  # a flip, as served (a short last stage at the serving size: FixRes' fine-tune).
-  augment: Annotated[str, _one_of(AUGMENT)] = 'standard'
-
-
-@pydantic.dataclasses.dataclass(config=_STRICT)
-class ModelConfig:
-  backbone: Annotated[str, _one_of(BACKBONES)] = 'efficientnet_lite2'
-  weights: str = 'imagenet'
-  image_size: Annotated[int, pydantic.Field(ge=32, le=1024)] = 260
-  batch_size: Positive = 32
-  # Python, NumPy and TensorFlow seeds (initial heads, dropout, shuffles) and the stateless
-  # augmentation's: the same clone trains the same model. Cached stages do not depend on the
-  # order ExampleGen wrote the records in; streamed end-to-end epochs do (a shuffle buffer).
-  seed: NonNegative = 7
-  label_smoothing: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.1
-  dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3
-  stages: List[StageConfig] = dataclasses.field(default_factory=list)
-  early_stopping_patience: NonNegative = 3
-  # End-to-end stages write a checkpoint after an epoch at most this often (model, optimizer,
-  # early-stopping state; under the pipeline root): a stopped run goes on from there.
-  checkpoint_every_s: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
-  bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
-  feature_views: Annotated[int, pydantic.Field(ge=1, le=64)] = 2  # trainer MAX_VIEWS
-  # End-to-end stages decode each training photo once (at model.image_size, uint8) and keep
-  # it in memory while the set fits this budget; a bigger set is decoded again every epoch
-  # (streamed from the TFRecords), so memory stays bounded at any data set size.
-  photo_cache_mb: NonNegative = 3072
-  # tf.distribute strategy: auto (several GPUs: mirrored; one GPU; else CPU), none, mirrored,
-  # tpu. batch_size is per replica; learning rates scale with the number of replicas; mixed
-  # precision only on GPUs with tensor cores and TPUs.
-  distribute: Annotated[str, _one_of(('auto', 'none', 'mirrored', 'tpu'))] = 'auto'
-  # Activations of the frozen network (cached stages) stay in memory up to this size; the
-  # rest is written to local disk (numpy memmap) and read back batch by batch.
-  activation_cache_mb: NonNegative = 4096
-  tflite_representative_samples: Positive = 200
-  # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
-  # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
-  tflite_float_layers: NonNegative = 0
-  # Also ship model_fast.tflite: int8, the full photo only (one backbone pass), gated on the
-  # same floors and pushed only when it passes them. Off when serving_views is just `full`.
-  fast_file: bool = True
-  # Temperature scaling of both heads fitted on the validation split and baked into the
-  # weights: every exported file returns calibrated probabilities (model card: T, ECE).
-  calibrate: bool = True
-  # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
-  # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
-  serving_views: Annotated[List[str], _check(parse_views)] = dataclasses.field(
-      default_factory=lambda: ['full'])
-  # Where training starts: `none` (ImageNet weights), `latest_blessed` (the latest model this
-  # pipeline's int8 gate blessed, TFX base_model; ImageNet on the first run) or a path to a
-  # Trainer output / pushed version. Same backbone; labels are mapped (new classes start silent: a zero row, the lowest bias).
-  warm_start: Annotated[Optional[str], _check(lambda v: check_warm_start(v))] = 'none'
-  # The schedule used instead of `stages` when training starts from a previous model.
-  warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
-
-  @pydantic.model_validator(mode='after')
-  def _end_to_end_only(self):
-    """image_size / augment change how photos reach the whole network: refused (not ignored)
-    on stages that train on cached activations, and other sizes need an any-size backbone."""
-    for key in ('stages', 'warm_start_stages'):
-      for i, st in enumerate(getattr(self, key)):
-        cached = st.trainable == 'none' or (st.trainable == 'top_blocks' and st.cached)
-        where = f'model.{key}[{i}] ({st.name})'
-        if cached and (st.image_size is not None or st.augment != 'standard'):
-          raise ValueError(f'{where}: image_size/augment apply to end-to-end stages only '
-                           '(trainable top_blocks without cached, or all)')
-        if (st.image_size not in (None, self.image_size)
-            and self.backbone not in efficientnet_lite.VARIANTS):
-          raise ValueError(f'{where}: image_size {st.image_size} differs from model.image_size '
-                           f'{self.image_size}; only EfficientNet-Lite backbones take any size')
-    return self
-
-
-@pydantic.dataclasses.dataclass(config=_STRICT)
 class EvaluateConfig:
   top1_min: Fraction = 0.80
   top5_min: Fraction = 0.95
@@ -218,19 +99,6 @@ class EvaluateConfig:
   # photos must reach this top-1; the report lists the worst makes either way.
   min_make_top1: Optional[Fraction] = None
   min_make_photos: Positive = 20
-
-
-@pydantic.dataclasses.dataclass(config=_STRICT)
-class ServeConfig:
-  """When `predict` answers the class, falls back to the make, or says "not sure".
-
-  null: chosen by the Trainer on the validation split as the lowest threshold whose
-  answers are right `target_precision` of the time (written beside the model, serve.json).
-  A number fixes it.
-  """
-  class_min_confidence: Optional[Fraction] = None
-  make_min_confidence: Optional[Fraction] = None
-  target_precision: Fraction = 0.95
 
 
 @pydantic.dataclasses.dataclass(config=_STRICT)
@@ -299,49 +167,11 @@ class Config:
     return os.path.join(REPO_ROOT, p)
 
 
-def _where(loc) -> str:
-  """pydantic's error location (('model', 'stages', 0, 'epochs')) as a dotted key."""
-  out = ''
-  for part in loc:
-    if isinstance(part, int):
-      out += f'[{part}]'
-    elif not str(part).startswith('function-'):
-      out += ('.' if out else '') + str(part)
-  return out
-
-
-def _explain(e: pydantic.ValidationError, prefix: str = '') -> ConfigError:
-  """One line per problem: the key, the value given and what is allowed."""
-  lines = []
-  for err in e.errors():
-    msg = err['msg'].removeprefix('Value error, ')
-    key = '.'.join(p for p in (prefix, _where(err['loc'])) if p)
-    value = '=<hidden>' if key.split('.')[-1] in SECRET_KEYS else f"={err.get('input')!r}"
-    if err['type'] == 'unexpected_keyword_argument':
-      lines.append(f'{key}: unknown key')
-    elif err['type'] == 'dataclass_type':
-      lines.append(f'{key}{value}: a section (a mapping of keys)')
-    elif msg.startswith(key):  # our own checks name the key already
-      lines.append(msg)
-    else:
-      lines.append(f'{key}{value}: {msg}')
-  return ConfigError('; '.join(lines) or str(e))
-
-
 def _regex(v: str) -> None:
   try:
     re.compile(v)
   except re.error as e:
     raise ValueError(f'not a regular expression: {e}') from None
-
-
-def check_warm_start(v: str) -> None:
-  """`none`, `latest_blessed`, or a local path that must exist now, not after four components
-  ran (gs:// is not checked)."""
-  if v in WARM_STARTS or '://' in v:
-    return
-  if not os.path.exists(os.path.join(REPO_ROOT, v)):
-    raise ValueError(f'no such file or directory (or one of {", ".join(WARM_STARTS)})')
 
 
 def check_dsn(dsn: Optional[str], setting: str = 'ingest.dsn') -> None:
@@ -468,34 +298,8 @@ def build(data: Dict[str, Any]) -> Config:
     raise _explain(e) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainerConfig:
-  """What the Trainer is given (model, serve, the license for the files' metadata): only
-  these, so a gate or push change does not invalidate a cached Trainer. Travels as JSON in
-  the Trainer's custom_config and is rebuilt typed (and validated again) by run_fn."""
-  model: ModelConfig
-  serve: ServeConfig
-  license: str = ''
-
-  def as_dict(self) -> Dict[str, Any]:
-    return {'model': dataclasses.asdict(self.model), 'serve': dataclasses.asdict(self.serve),
-            'license': self.license}
-
-  def to_json(self) -> str:
-    return json.dumps(self.as_dict(), sort_keys=True)
-
-
 def trainer_config(cfg: Config) -> TrainerConfig:
   return TrainerConfig(model=cfg.model, serve=cfg.serve, license=cfg.push.license or '')
-
-
-def trainer_config_from_json(text: str) -> TrainerConfig:
-  data = json.loads(text)
-  try:
-    return TrainerConfig(model=ModelConfig(**data['model']), serve=ServeConfig(**data['serve']),
-                         license=data.get('license') or '')
-  except pydantic.ValidationError as e:
-    raise _explain(e) from None
 
 
 def parse_override(item: str):

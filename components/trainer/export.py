@@ -56,7 +56,7 @@ def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
 
 def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
   """The SavedModel signatures, the TFLite files, labels, serve.json and training.json;
-  `cfg`: the Trainer's typed config (pipeline.config.TrainerConfig)."""
+  `cfg`: the Trainer's typed config (components.trainer.config.TrainerConfig)."""
   mc = cfg.model
   size = mc.image_size
   views = M.parse_views(mc.serving_views or ['full'])

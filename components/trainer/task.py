@@ -23,6 +23,7 @@ from components import files as files_lib
 from components import images
 from components import names
 from components.trainer import model as M
+from components.trainer import config as C
 from components.trainer import export
 from components.trainer import resume
 
@@ -369,7 +370,7 @@ def serve_thresholds(serve_cfg, probs: np.ndarray, truth: np.ndarray,
                      labels: List[str]) -> Dict:
   """The class / make thresholds of the decision: configured numbers, else chosen on the
   validation split for `serve.target_precision` (components/decision); `serve_cfg`: the typed
-  pipeline.config.ServeConfig."""
+  components.trainer.config.ServeConfig."""
   from components import decision  # pylint: disable=g-import-not-at-top
   target = float(serve_cfg.target_precision)
   chosen = decision.choose_thresholds(probs, labels, truth, target)
@@ -399,8 +400,8 @@ def run_fn(fn_args):
   GPUs or a TPU (model.distribute); the stages are the configured schedule, each run by the
   function of its kind and rolled back when validation says it did not help."""
   from components.trainer import distribute  # pylint: disable=g-import-not-at-top
-  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.trainer_config_from_json(fn_args.custom_config['config'])
+  from components.trainer import config as trainer_config  # pylint: disable=g-import-not-at-top
+  cfg = trainer_config.trainer_config_from_json(fn_args.custom_config['config'])
   strategy = distribute.set_up(cfg.model.distribute)
   with strategy.scope():
     run = Training(fn_args, cfg, strategy.num_replicas_in_sync)
@@ -513,7 +514,7 @@ class Training:
         monitor='val_class_top1', mode='max', patience=patience, restore_best_weights=True)
 
   def _cached_tops(self) -> List[int]:
-    return [st.top_blocks for st in self.stages if st.trainable == 'top_blocks' and st.cached]
+    return [st.top_blocks for st in self.stages if st.kind == C.CACHED_TOP]
 
   def _build_cache(self) -> Dict:
     """One pass of the frozen lower network over 1 clean + (feature_views - 1) augmented
@@ -644,12 +645,8 @@ class Training:
         + (f' at {stage.image_size} px' if stage.image_size else '') + ')')
     ts = time.time()
     before = self.full.get_weights()
-    if stage.trainable == 'none':
-      kind = self.fit_heads
-    elif stage.trainable == 'top_blocks' and stage.cached:
-      kind = self.fit_cached_top
-    else:
-      kind = self.fit_end_to_end
+    kind = {C.HEADS: self.fit_heads, C.CACHED_TOP: self.fit_cached_top,
+            C.END_TO_END: self.fit_end_to_end}[stage.kind]
     if kind != self.fit_end_to_end and self.cache is None:
       self.cache = self._build_cache()
     h = kind(stage, index) if kind == self.fit_end_to_end else kind(stage)

@@ -1,0 +1,171 @@
+"""The Trainer's configuration: its hyper-parameters (stages), model options and the
+answers' thresholds, typed and checked, without TensorFlow. The pipeline's config composes
+these; run_fn rebuilds them from the JSON the pipeline hands the Trainer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Annotated, Any, Dict, List, Optional
+
+import pydantic
+import pydantic.dataclasses
+
+from components.backbone import efficientnet_lite, tf_checkpoint
+from components.validation import (STRICT, Fraction, NonNegative, Positive, PositiveFloat,
+                                   check, explain, one_of)
+from components.views import parse_views
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)
+TRAINABLE = ('none', 'top_blocks', 'all')
+AUGMENT = ('standard', 'light')
+WARM_STARTS = ('none', 'latest_blessed')
+# How a stage trains (StageConfig.kind): the heads on pooled activations of the frozen network,
+# the top blocks on cached lower activations, or photos through the network end to end.
+HEADS, CACHED_TOP, END_TO_END = 'heads', 'cached_top', 'end_to_end'
+
+
+def check_warm_start(v: str) -> None:
+  """`none`, `latest_blessed`, or a local path that must exist now, not after four components
+  ran (gs:// is not checked)."""
+  if v in WARM_STARTS or '://' in v:
+    return
+  if not os.path.exists(os.path.join(REPO_ROOT, v)):
+    raise ValueError(f'no such file or directory (or one of {", ".join(WARM_STARTS)})')
+
+
+@pydantic.dataclasses.dataclass(config=STRICT)
+class StageConfig:
+  name: str = 'head'
+  trainable: Annotated[str, one_of(TRAINABLE)] = 'none'
+  epochs: Positive = 1
+  learning_rate: PositiveFloat = 1e-3
+  top_blocks: Positive = 2
+  # top_blocks only: train on activations of the frozen lower network computed once
+  # (with the frozen stage's views) instead of running the whole network every step.
+  cached: bool = False
+  patience: Optional[NonNegative] = None  # early stopping for this stage; default model.early_stopping_patience
+  # End-to-end stages only: train at this size (default model.image_size, the serving size).
+  # Lower than the serving size = FixRes: cheaper steps, and random crops at train size see
+  # cars about as large as whole photos at the (higher) test size. Validation is always at
+  # model.image_size, the size that ships.
+  image_size: Optional[Annotated[int, pydantic.Field(ge=32, le=1024)]] = None
+  # standard: random resized crop (50-100 % area), flip, colour; light: the whole photo and
+  # a flip, as served (a short last stage at the serving size: FixRes' fine-tune).
+  augment: Annotated[str, one_of(AUGMENT)] = 'standard'
+
+  @property
+  def kind(self) -> str:
+    """heads, cached_top or end_to_end: how this stage trains (the one place it is decided)."""
+    if self.trainable == 'none':
+      return HEADS
+    return CACHED_TOP if self.trainable == 'top_blocks' and self.cached else END_TO_END
+
+
+@pydantic.dataclasses.dataclass(config=STRICT)
+class ModelConfig:
+  backbone: Annotated[str, one_of(BACKBONES)] = 'efficientnet_lite2'
+  weights: str = 'imagenet'
+  image_size: Annotated[int, pydantic.Field(ge=32, le=1024)] = 260
+  batch_size: Positive = 32
+  # Python, NumPy and TensorFlow seeds (initial heads, dropout, shuffles) and the stateless
+  # augmentation's: the same clone trains the same model. Cached stages do not depend on the
+  # order ExampleGen wrote the records in; streamed end-to-end epochs do (a shuffle buffer).
+  seed: NonNegative = 7
+  label_smoothing: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.1
+  dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3
+  stages: List[StageConfig] = dataclasses.field(default_factory=list)
+  early_stopping_patience: NonNegative = 3
+  # End-to-end stages write a checkpoint after an epoch at most this often (model, optimizer,
+  # early-stopping state; under the pipeline root): a stopped run goes on from there.
+  checkpoint_every_s: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
+  bbox_crop_prob: Fraction = 0.0  # share of training views cropped to the car's bbox first
+  feature_views: Annotated[int, pydantic.Field(ge=1, le=64)] = 2  # trainer MAX_VIEWS
+  # End-to-end stages decode each training photo once (at model.image_size, uint8) and keep
+  # it in memory while the set fits this budget; a bigger set is decoded again every epoch
+  # (streamed from the TFRecords), so memory stays bounded at any data set size.
+  photo_cache_mb: NonNegative = 3072
+  # tf.distribute strategy: auto (several GPUs: mirrored; one GPU; else CPU), none, mirrored,
+  # tpu. batch_size is per replica; learning rates scale with the number of replicas; mixed
+  # precision only on GPUs with tensor cores and TPUs.
+  distribute: Annotated[str, one_of(('auto', 'none', 'mirrored', 'tpu'))] = 'auto'
+  # Activations of the frozen network (cached stages) stay in memory up to this size; the
+  # rest is written to local disk (numpy memmap) and read back batch by batch.
+  activation_cache_mb: NonNegative = 4096
+  tflite_representative_samples: Positive = 200
+  # Layers kept float in the int8 TFLite: the N with the largest int8-vs-float error on
+  # validation photos (QuantizationDebugger). The head (FC, softmax) is always float.
+  tflite_float_layers: NonNegative = 0
+  # Also ship model_fast.tflite: int8, the full photo only (one backbone pass), gated on the
+  # same floors and pushed only when it passes them. Off when serving_views is just `full`.
+  fast_file: bool = True
+  # Temperature scaling of both heads fitted on the validation split and baked into the
+  # weights: every exported file returns calibrated probabilities (model card: T, ECE).
+  calibrate: bool = True
+  # Test-time views averaged inside every exported model (SavedModel, TFLite): `full`,
+  # `flip`, `crop:<fraction>`. Each view is one more backbone pass at serving time.
+  serving_views: Annotated[List[str], check(parse_views)] = dataclasses.field(
+      default_factory=lambda: ['full'])
+  # Where training starts: `none` (ImageNet weights), `latest_blessed` (the latest model this
+  # pipeline's int8 gate blessed, TFX base_model; ImageNet on the first run) or a path to a
+  # Trainer output / pushed version. Same backbone; labels are mapped (new classes start silent: a zero row, the lowest bias).
+  warm_start: Annotated[Optional[str], check(lambda v: check_warm_start(v))] = 'none'
+  # The schedule used instead of `stages` when training starts from a previous model.
+  warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
+
+  @pydantic.model_validator(mode='after')
+  def _end_to_end_only(self):
+    """image_size / augment change how photos reach the whole network: refused (not ignored)
+    on stages that train on cached activations, and other sizes need an any-size backbone."""
+    for key in ('stages', 'warm_start_stages'):
+      for i, st in enumerate(getattr(self, key)):
+        cached = st.kind != END_TO_END
+        where = f'model.{key}[{i}] ({st.name})'
+        if cached and (st.image_size is not None or st.augment != 'standard'):
+          raise ValueError(f'{where}: image_size/augment apply to end-to-end stages only '
+                           '(trainable top_blocks without cached, or all)')
+        if (st.image_size not in (None, self.image_size)
+            and self.backbone not in efficientnet_lite.VARIANTS):
+          raise ValueError(f'{where}: image_size {st.image_size} differs from model.image_size '
+                           f'{self.image_size}; only EfficientNet-Lite backbones take any size')
+    return self
+
+
+@pydantic.dataclasses.dataclass(config=STRICT)
+class ServeConfig:
+  """When `predict` answers the class, falls back to the make, or says "not sure".
+
+  null: chosen by the Trainer on the validation split as the lowest threshold whose
+  answers are right `target_precision` of the time (written beside the model, serve.json).
+  A number fixes it.
+  """
+  class_min_confidence: Optional[Fraction] = None
+  make_min_confidence: Optional[Fraction] = None
+  target_precision: Fraction = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  """What the Trainer is given (model, serve, the license for the files' metadata): only
+  these, so a gate or push change does not invalidate a cached Trainer. Travels as JSON in
+  the Trainer's custom_config and is rebuilt typed (and validated again) by run_fn."""
+  model: ModelConfig
+  serve: ServeConfig
+  license: str = ''
+
+  def as_dict(self) -> Dict[str, Any]:
+    return {'model': dataclasses.asdict(self.model), 'serve': dataclasses.asdict(self.serve),
+            'license': self.license}
+
+  def to_json(self) -> str:
+    return json.dumps(self.as_dict(), sort_keys=True)
+
+
+def trainer_config_from_json(text: str) -> TrainerConfig:
+  data = json.loads(text)
+  try:
+    return TrainerConfig(model=ModelConfig(**data['model']), serve=ServeConfig(**data['serve']),
+                         license=data.get('license') or '')
+  except pydantic.ValidationError as e:
+    raise explain(e) from None
