@@ -113,6 +113,24 @@ def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
   return {'metrics': m, 'checks': checks, 'blessed': all(c['pass'] for c in checks.values())}
 
 
+GATE_KEYS = ('top1_min', 'top5_min', 'max_regression', 'max_int8_drop')  # + optional per-make keys
+
+
+def check_inputs(gate: Dict[str, Any], split: str, candidate: str, examples_uri: str) -> None:
+  """Before any work: the gate's floors are numbers, the split has examples, the candidate
+  has its int8 file and labels (a wrong wiring fails here with what is missing)."""
+  missing = [k for k in GATE_KEYS if not isinstance(gate.get(k), (int, float))
+             or isinstance(gate.get(k), bool)]
+  if missing:
+    raise ValueError(f'TFLiteEvaluator gate_config: {missing} must be numbers (got {gate})')
+  if not tf.io.gfile.glob(os.path.join(examples_uri, f'Split-{split}', '*')):
+    raise ValueError(f'TFLiteEvaluator: no examples in split {split!r} of {examples_uri}')
+  for name in (names.INT8, names.LABELS):
+    if not tf.io.gfile.exists(os.path.join(candidate, names.TFLITE_DIR, name)):
+      raise ValueError(f'TFLiteEvaluator: the candidate {candidate} has no '
+                       f'{names.TFLITE_DIR}/{name} (not a carvision Trainer output?)')
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
   def Do(self, input_dict: Dict[str, List[types.Artifact]],
@@ -123,6 +141,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     examples = artifact_utils.get_single_instance(input_dict['examples'])
     model = artifact_utils.get_single_instance(input_dict['model'])
     candidate = os.path.join(model.uri, names.SERVING_DIR)
+    check_inputs(gate, split, candidate, examples.uri)
     baseline = None
     if input_dict.get('baseline_model'):
       base_art = input_dict['baseline_model'][0]
