@@ -6,7 +6,7 @@ TESTS ?= tests
 # (the end-to-end module shares its pipeline runs); 1 runs them in this process.
 TEST_WORKERS ?= 2
 
-.PHONY: env demo test lock clean image vertex-spec
+.PHONY: env demo test test-fast lock clean image vertex-spec
 IMAGE ?= carvision:local
 env:
 	$(ENV) ensure
@@ -19,6 +19,10 @@ test: env
 	tests/host/test_mediapipe.sh
 	tests/host/test_client_install.sh
 	$(ENV) run 'python -m pytest -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) $(TESTS)'
+
+# Everything but the end-to-end pipeline runs (a few minutes): while editing.
+test-fast: env
+	$(ENV) run 'python -m pytest -p no:cacheprovider -m "not e2e" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) $(TESTS)'
 
 lock: env
 	$(ENV) lock

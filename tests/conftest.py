@@ -8,13 +8,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import services  # noqa: E402
-
-TINY = os.path.join(REPO, 'tests', 'data', 'car_ads_tiny')
-SHARED_FULL = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'car_ads')
+from tests.helpers import REPO, SHARED_FULL, TINY  # noqa: E402,F401
 
 _rc = 0
 
@@ -35,6 +32,11 @@ def pytest_unconfigure(config):
 
 
 SLOWEST_FIRST = ('tests/test_pipeline_e2e.py',)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'e2e: runs the real TFX pipeline (minutes); '
+                          '`make test-fast` leaves these out')
 
 
 def pytest_collection_modifyitems(items):

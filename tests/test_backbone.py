@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from components.backbone import efficientnet_lite as el
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 # ImageNet classes of cars and their parts (sports car, convertible, minivan, ...).
 CAR_CLASSES = {407, 436, 468, 511, 581, 609, 627, 656, 661, 717, 751, 817, 864, 867, 479,

@@ -5,16 +5,10 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, TINY
-
-SHIPPED = os.path.join(REPO, 'models', 'car_ads')
+from tests.helpers import REPO, SHIPPED, TINY, run_cli
 
 
-def _cli(*args, env=None):
-  res = subprocess.run([sys.executable, '-m', 'pipeline.cli', *args], cwd=REPO,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       env={**os.environ, **(env or {})}, timeout=600)
-  return res
+_cli = run_cli
 
 
 def test_export_matches_original_query_without_duplicates(tmp_path, tiny_dsn):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from components import images
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _photos(n):

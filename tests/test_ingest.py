@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from components.example_gen import beam_ingest, records
-from tests.conftest import TINY
+from tests.helpers import TINY
 from tests.ingest_helpers import expected_from_labels, run_ingest
 
 
@@ -171,7 +171,7 @@ def test_full_dataset_reconciles_with_manifest(tmp_path, postgres):
   import csv
   import json
   from pipeline import services
-  from tests.conftest import SHARED_FULL
+  from tests.helpers import SHARED_FULL
   dsn = postgres.create_db('car_ads_full', os.path.join(SHARED_FULL, 'seez.sql'))
   host = services.ImageHost(os.path.join(SHARED_FULL, 'images'))
   try:

@@ -4,7 +4,7 @@ another's (what they share lives in a leaf module such as components/artifacts.p
 import ast
 import os
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMPONENT_FOLDERS = ('example_gen', 'trainer', 'tflite_evaluator', 'pusher')
 

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 from pipeline import config as config_lib
 from pipeline import run
 from pipeline import summary as summary_lib
@@ -30,7 +32,7 @@ def _config(tmp, image_host_template, dsn, **over):
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory, tiny_dsn):
   from pipeline import services
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   tmp = tmp_path_factory.mktemp('e2e')
   host = services.ImageHost(os.path.join(TINY, 'images'))
   try:
@@ -101,7 +103,7 @@ def test_trainer_never_opens_the_test_split(first_run):
 def test_model_signatures_and_tflite(first_run):
   import tensorflow as tf
   from ai_edge_litert.interpreter import Interpreter
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   loaded = tf.saved_model.load(model_dir)
@@ -256,7 +258,7 @@ def test_serving_signature_equals_keras_model(first_run):
   import tensorflow as tf
   import tf_keras as keras
   from components import images
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   model = keras.models.load_model(model_dir)
@@ -273,7 +275,7 @@ def test_serving_signature_equals_keras_model(first_run):
 
 def test_predict_tflite_and_savedmodel_agree(first_run):
   from components import serving
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   lite = serving.load(model_dir, 'tflite')
@@ -292,7 +294,7 @@ def test_predict_tflite_and_savedmodel_agree(first_run):
 def test_cli_predict_and_evaluate(first_run, capsys):
   import json
   from pipeline import cli
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   photos = sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[:2]
@@ -379,7 +381,7 @@ def _new_span_with_a_new_class(tmp, splits):
   that name and loses the old one."""
   import csv
   from components.example_gen import records
-  from tests.conftest import TINY
+  from tests.helpers import TINY
   rows = list(csv.DictReader(open(os.path.join(TINY, 'cars.csv'))))
   key = lambda r: (r['make'], r['model'], r['submodel'])  # noqa: E731
   chosen = sorted({key(r) for r in rows})[0]
@@ -454,7 +456,7 @@ def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host,
   import sys
   import time
   import yaml
-  from tests.conftest import REPO
+  from tests.helpers import REPO
   host = image_host
   stages = [{'name': 'head', 'trainable': 'none', 'epochs': 3, 'learning_rate': 3e-3},
             {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,

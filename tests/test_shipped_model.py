@@ -4,14 +4,11 @@ import csv
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, SHARED_FULL, TINY
+from tests.helpers import SHARED_FULL, SHIPPED, TINY, run_cli
 
-SHIPPED = os.path.join(REPO, 'models', 'car_ads')
 # Until a model passes the gates on car_ads nothing is shipped (issue #8), and these are skipped.
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, 'model_card.json')),
                                 reason='no blessed car_ads model committed under models/car_ads/')
@@ -22,9 +19,7 @@ def _card():
     return json.load(f)
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, '-m', 'pipeline.cli', *args], cwd=REPO,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+_cli = run_cli
 
 
 def test_files_match_the_card_and_fit_a_phone():
