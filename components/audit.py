@@ -32,7 +32,7 @@ KINDS = (OTHER_MAKE, OTHER_MODEL, OTHER_SUBMODEL, NOT_SURE, AGREES)
 # the validation split.
 METHODS = ('mean_self_confidence', 'product_self_confidence', 'product_self_confidence_adjusted',
            'product_normalized_margin')
-METHOD = 'product_normalized_margin'
+METHOD = 'product_self_confidence'
 SURE = 0.5  # a disagreement is named only when the photos' other class is this probable
 
 
