@@ -37,6 +37,9 @@ def _run_direct(cfg, args, fresh: bool = False) -> dict:
   from pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
   dsn = os.environ.get('CARVISION_DSN')
   config_lib.check_dsn(dsn, 'CARVISION_DSN')
+  if not args.data:
+    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+    fetch.check_credentials(cfg.ingest.image_url_template)  # before any work, the root included
   with run.root_lock(cfg, fresh=fresh):  # one run per pipeline root, held to the summary
     return _run_locked(cfg, args, dsn)
 
@@ -53,8 +56,6 @@ def _run_locked(cfg, args, dsn) -> dict:
       run.run_direct(cfg, run.card_extras(args.data), data_dir=args.data,
                      restart=getattr(args, 'restart', False))
   else:
-    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
-    fetch.check_credentials(cfg.ingest.image_url_template)  # before any work
     if cfg.ingest.dsn:
       from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
       postgres.check_source(cfg.ingest.dsn, cfg.ingest.password_secret)  # before any work
