@@ -14,6 +14,10 @@ import sys
 import threading
 from typing import Optional
 
+# A line that starts a new record: after a dropped record, the lines that do not start one
+# are its continuation (a deprecation note's "Instructions for updating: ..." lines) and go too.
+RECORD_START = re.compile(r'^(\[carvision\]|[A-Z][A-Za-z]*:|[IWEF]\d{4} |Traceback|error:|=|next:|\s*$)')
+
 # Lines a run prints on every start on a CPU machine, none of which needs an action.
 NOISE = re.compile('|'.join([
     r'^WARNING: All log messages before absl::InitializeLog\(\) is called',
@@ -42,6 +46,11 @@ NOISE = re.compile('|'.join([
     r'^\s+(Warning: )?tf\.lite\.Interpreter is deprecated',
     r'^\s*(TF 2\.20\. Please use the LiteRT|See the \[migration guide\]|for details\.)\s*$',
     r'^INFO:tensorflow:',
+    r'^WARNING:absl:Please consider providing the trackable_obj argument',
+    r'^fully_quantize: \d+, inference_type: ',
+    r'^INFO: Created TensorFlow Lite XNNPACK delegate',
+    r'^WARNING:tensorflow:No training configuration found in save file',
+    r'^Instructions for updating:',
     r'^INFO:absl:',
     r'^I\d{4} \d\d:\d\d:\d\d\.\d+ ',
 ]))
@@ -54,6 +63,7 @@ class StderrFilter:
     self.saved: Optional[int] = None
     self.thread: Optional[threading.Thread] = None
     self.dropped = 0
+    self.in_noise = False  # inside a dropped record's continuation lines
 
   def start(self) -> 'StderrFilter':
     sys.stderr.flush()
@@ -81,9 +91,12 @@ class StderrFilter:
   def _emit(self, lines) -> None:
     out = []
     for line in lines:
-      if NOISE.search(line.decode('utf-8', 'replace')):
+      text = line.decode('utf-8', 'replace')
+      if NOISE.search(text) or (self.in_noise and not RECORD_START.search(text)):
         self.dropped += 1
+        self.in_noise = True
       else:
+        self.in_noise = False
         out.append(line + b'\n')
     if out:
       os.write(self.saved, b''.join(out))

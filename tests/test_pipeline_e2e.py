@@ -442,7 +442,9 @@ def test_new_span_with_a_new_class_warm_starts_from_the_blessed_model(first_run,
 TODAYS_NOISE = ('oneDNN custom operations', 'Could not find cuda drivers', 'failed call to cuInit',
                 'No semi_persistent_directory found', 'ArtifactQuery.property_predicate is not supported',
                 'All log messages before absl::InitializeLog', 'payload_format custom property',
-                'Tables initialized inside a tf.function', 'DeprecationWarning')
+                'Tables initialized inside a tf.function', 'DeprecationWarning',
+                'Instructions for updating', 'fully_quantize', 'trackable_obj',
+                'No training configuration found')
 
 
 def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host, tmp_path):

@@ -133,7 +133,7 @@ class Executor(base_executor.BaseExecutor):
       gates['TFMA (float) gate'] = _blessed(input_dict['model_blessing'])
     if not all(gates.values()):
       failed = [k for k, ok in gates.items() if not ok]
-      logging.warning('not pushed: %s did not bless model %s', ', '.join(failed), model.uri)
+      logging.info('not pushed: %s did not bless model %s', ', '.join(failed), model.uri)
       pushed.set_int_custom_property('pushed', 0)
       pushed.set_string_custom_property('not_pushed_reason', ', '.join(failed))
       return
