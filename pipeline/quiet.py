@@ -16,7 +16,7 @@ from typing import Optional
 
 # A line that starts a new record: after a dropped record, the lines that do not start one
 # are its continuation (a deprecation note's "Instructions for updating: ..." lines) and go too.
-RECORD_START = re.compile(r'^(\[carvision\]|[A-Z][A-Za-z]*:|[IWEF]\d{4} |Traceback|error:|=|next:|\s*$)')
+RECORD_START = re.compile(r'^(\[carvision\]|[A-Za-z][\w.-]*:|[IWEF]\d{4} |Traceback|=|\s*$)')
 
 # Lines a run prints on every start on a CPU machine, none of which needs an action.
 NOISE = re.compile('|'.join([
