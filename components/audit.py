@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from components import names
+from components import decision, names
 
 AGREES = 'agrees'
 NOT_SURE = 'not_sure'
@@ -92,13 +92,6 @@ def listing_scores(ad_probs: np.ndarray, listed: np.ndarray, method: str = METHO
   return 1.0 - np.asarray(quality, dtype=np.float64)
 
 
-def _make_probs(p: np.ndarray, labels: Sequence[str]) -> Dict[str, float]:
-  out: Dict[str, float] = collections.defaultdict(float)
-  for i, label in enumerate(labels):
-    out[names.split_label(label)[0]] += float(p[i])
-  return out
-
-
 def kind_of(listed: str, predicted: str, predicted_probability: float,
             listed_make_probability: float) -> str:
   """The taxonomy of a disagreement: another make, a sibling model, a sibling submodel
@@ -134,7 +127,8 @@ def judge(ads: Dict[int, Dict], probs: Dict[str, np.ndarray], labels: Sequence[s
       continue
     p = combine(np.stack([probs[h] for h in scored]), method)
     best = int(np.argmax(p))
-    makes = _make_probs(p, labels)
+    make_names, make_p = decision.make_probabilities(p[None], labels)
+    makes = dict(zip(make_names, make_p[0].tolist()))
     top_make = max(makes, key=makes.get)
     v.predicted, v.predicted_probability = labels[best], float(p[best])
     v.predicted_make, v.predicted_make_probability = top_make, makes[top_make]

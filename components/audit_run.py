@@ -35,7 +35,7 @@ def ads_from_rows(rows: Iterable[records.Row], keep: Optional[Set[int]] = None) 
     letter = None if row.reason else records.check_label(row)
     bad = row.reason or (letter.reason if letter else None)
     if row.reason in (records.MISSING_LABEL, records.PAIR_NOT_IN_CATALOG) or letter:
-      ad['label_reason'] = f'{bad}: {row.detail or letter.detail}'
+      ad['label_reason'] = f'{bad}: {row.detail or (letter.detail if letter else "")}'
     if bad:
       ad['reasons'][row.p_hash] = bad
     elif row.p_hash not in ad['p_hashes']:
