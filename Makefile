@@ -12,7 +12,7 @@ env:
 	$(ENV) ensure
 
 demo: env
-	$(ENV) run 'python -m pipeline.cli demo --fresh'
+	$(ENV) run 'python -m carvision.pipeline.cli demo --fresh'
 
 test: env
 	tests/host/test_env_sh.sh
@@ -34,7 +34,7 @@ image:
 
 # The Vertex AI pipeline spec from configs/dataflow.yaml (offline).
 vertex-spec: env
-	$(ENV) run 'python -m pipeline.cli run --runner vertex --config dataflow'
+	$(ENV) run 'python -m carvision.pipeline.cli run --runner vertex --config dataflow'
 
 clean:
 	rm -rf runs

@@ -25,12 +25,17 @@ setup(
     name='carvision',
     version='0.1.0',
     description='TFX pipeline: Postgres + photo host -> EfficientNet-Lite -> gated TFLite',
-    packages=find_packages(include=['pipeline', 'pipeline.*', 'components', 'components.*']),
+    # Installed under one namespace: the top-level folders become carvision.pipeline and
+    # carvision.components (carvision/__init__.py finds them beside it in a checkout).
+    packages=['carvision'] + [f'carvision.{p}' for p in find_packages(
+        include=['pipeline', 'pipeline.*', 'components', 'components.*'])],
+    package_dir={'carvision': 'carvision', 'carvision.pipeline': 'pipeline',
+                 'carvision.components': 'components'},
     package_data={'': ['*.yaml', '*.pbtxt']},
     data_files=[('carvision/configs', [os.path.join('configs', f) for f in os.listdir(os.path.join(here, 'configs'))]),
                 ('carvision/schemas', ['schemas/schema.pbtxt'])],
     python_requires='>=3.10',
     install_requires=CLIENT,
     extras_require={'pipeline': requirements(), 'report': ['matplotlib>=3.7']},
-    entry_points={'console_scripts': ['carvision = pipeline.cli:entry']},
+    entry_points={'console_scripts': ['carvision = carvision.pipeline.cli:entry']},
 )

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from components import audit, evaluation, names, serving  # noqa: E402
-from components.example_gen import records  # noqa: E402
-from pipeline import config as config_lib  # noqa: E402
+from carvision.components import audit, evaluation, names, serving  # noqa: E402
+from carvision.components.example_gen import records  # noqa: E402
+from carvision.pipeline import config as config_lib  # noqa: E402
 
 KIND_OF_NOISE = ('sibling_submodel', 'same_make_other_model', 'other_make')
 

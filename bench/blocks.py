@@ -16,9 +16,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components import features as F  # noqa: E402
-from components.backbone import efficientnet_lite as el  # noqa: E402
-from components import images  # noqa: E402
+from carvision.components import features as F  # noqa: E402
+from carvision.components.backbone import efficientnet_lite as el  # noqa: E402
+from carvision.components import images  # noqa: E402
 
 
 def main():

@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from components import calibration, evaluation, serving  # noqa: E402
-from components.example_gen import records  # noqa: E402
-from pipeline import config as config_lib  # noqa: E402
+from carvision.components import calibration, evaluation, serving  # noqa: E402
+from carvision.components.example_gen import records  # noqa: E402
+from carvision.pipeline import config as config_lib  # noqa: E402
 
 
 def _answers(model, rows, data_dir, max_pixels):

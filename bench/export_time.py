@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components.trainer import export  # noqa: E402
+from carvision.components.trainer import export  # noqa: E402
 
 
 def _latest(pattern):

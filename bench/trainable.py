@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components.backbone import efficientnet_lite as el  # noqa: E402
-from components.trainer import model as M  # noqa: E402
+from carvision.components.backbone import efficientnet_lite as el  # noqa: E402
+from carvision.components.trainer import model as M  # noqa: E402
 
 
 def speed(variant: str, size: int, frozen: int, batch: int, steps: int) -> float:

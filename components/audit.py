@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from components import decision, names
+from carvision.components import decision, names
 
 AGREES = 'agrees'
 NOT_SURE = 'not_sure'

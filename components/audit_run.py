@@ -14,9 +14,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import numpy as np
 
-from components import audit, images
-from components.errors import SourceError
-from components.example_gen import records
+from carvision.components import audit, images
+from carvision.components.errors import SourceError
+from carvision.components.example_gen import records
 
 BATCH = 32
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from components.names import CLASS_SEP
+from carvision.components.names import CLASS_SEP
 
 CLASS, MAKE, NOT_SURE = 'class', 'make', 'not_sure'
 

@@ -10,11 +10,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from components import features as F
-from components import images
-from components import names
-from components import scoring
-from components.errors import UserError
+from carvision.components import features as F
+from carvision.components import images
+from carvision.components import names
+from carvision.components import scoring
+from carvision.components.errors import UserError
 
 COLUMNS = (F.AD_ID, F.P_HASH)  # and either `class` or make, model, submodel
 BATCH = 16
@@ -49,7 +49,7 @@ def read_labels(data_dir: str) -> List[Dict[str, str]]:
 def in_split(rows: Sequence[Dict[str, str]], split: str, splits: Dict[str, int]) -> List[Dict]:
   """The rows whose ad the pipeline's split (hash of ad_id, `ingest.splits`) puts in `split`
   ('all': every row)."""
-  from components.example_gen import records  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import records  # pylint: disable=g-import-not-at-top
   if split == 'all':
     return list(rows)
   return [r for r in rows if records.split_for(int(r[F.AD_ID]), splits) == split]

@@ -1,18 +1,18 @@
 """The gate's report: report.html with its figures (per-make accuracy, risk-coverage)."""
 from __future__ import annotations
 
+import html
 import json
 import os
 from typing import Dict, List
 
-from components import decision
-from components import files as fileio
-from components.names import REPORT_HTML, REPORT_PNG, RISK_COVERAGE_PNG
+from carvision.components import decision
+from carvision.components import files as fileio
+from carvision.components.names import REPORT_HTML, REPORT_PNG, RISK_COVERAGE_PNG
 
 
 def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict]) -> List[str]:
   """report.html + report.png: verdict per check, per-make accuracy, most confused pairs."""
-  import html  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -9,10 +9,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from components import calibration
-from components import decision
-from components import names
-from components.decision import make_of
+from carvision.components import calibration
+from carvision.components import decision
+from carvision.components import names
+from carvision.components.decision import make_of
 
 
 def thresholds(serve_cfg, saved: Optional[Dict]) -> Dict:

@@ -13,21 +13,21 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from components import files
-from components import images
-from components.names import PUSHED_SAVED_MODEL
-from components.names import INT8, LABELS, SEEN_ADS, SERVE, TFLITE_DIR
+from carvision.components import files
+from carvision.components import images
+from carvision.components.names import PUSHED_SAVED_MODEL
+from carvision.components.names import INT8, LABELS, SEEN_ADS, SERVE, TFLITE_DIR
 
 
 @contextlib.contextmanager
 def _runtime_info_silenced():
   """LiteRT's C++ runtime prints 'INFO: Created TensorFlow Lite XNNPACK delegate' on the
   process's stderr (no setting turns it off): drop its INFO lines, pass anything else on."""
-  import tempfile  # pylint: disable=g-import-not-at-top
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as tmp:

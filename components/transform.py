@@ -6,7 +6,7 @@ bytes (SavedModel) or uint8 pixels (TFLite).
 """
 import tensorflow_transform as tft
 
-from components import features as F
+from carvision.components import features as F
 
 
 def preprocessing_fn(inputs):

@@ -8,7 +8,7 @@ from typing import Annotated
 import pydantic
 import pydantic.dataclasses
 
-from components.errors import UserError
+from carvision.components.errors import UserError
 
 ConfigError = UserError  # a configuration or command-line value; the message names it
 SECRET_KEYS = ('dsn',)   # their values are never echoed in an error

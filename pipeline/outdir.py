@@ -15,7 +15,7 @@ import os
 import shutil
 from typing import Iterator
 
-from components.errors import BusyError, UserError
+from carvision.components.errors import BusyError, UserError
 
 
 @contextlib.contextmanager

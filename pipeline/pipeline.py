@@ -9,12 +9,12 @@ from typing import Dict, Optional
 from tfx import v1 as tfx  # import tfx before tensorflow_model_analysis (EvalConfig appears then)
 import tensorflow_model_analysis as tfma
 
-from components import features as F
-from components.example_gen.component import CarAdsExampleGen
-from components.pusher.component import VersionedPusher
-from components.tflite_evaluator.component import TFLiteEvaluator
-from pipeline import config as config_lib
-from pipeline.config import CONFIG_DIR, Config
+from carvision.components import features as F
+from carvision.components.example_gen.component import CarAdsExampleGen
+from carvision.components.pusher.component import VersionedPusher
+from carvision.components.tflite_evaluator.component import TFLiteEvaluator
+from carvision.pipeline import config as config_lib
+from carvision.pipeline.config import CONFIG_DIR, Config
 
 SCHEMA_DIR = os.path.join(os.path.dirname(CONFIG_DIR), 'schemas')
 
@@ -94,7 +94,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None,
 
   transform = tfx.components.Transform(
       examples=example_gen.outputs['examples'], schema=schema_gen.outputs['schema'],
-      preprocessing_fn='components.transform.preprocessing_fn',
+      preprocessing_fn='carvision.components.transform.preprocessing_fn',
       # The test split is never transformed: nothing downstream of Transform (the Trainer)
       # can open it. The gates read it from ExampleGen's raw examples.
       splits_config=tfx.proto.SplitsConfig(analyze=['train'], transform=['train', 'validation']))
@@ -120,7 +120,7 @@ def create_pipeline(cfg: Config, card: Optional[Dict] = None,
     trainer_class = tfx.extensions.google_cloud_ai_platform.Trainer
     trainer_config.update(vertex_training_config(cfg))
   trainer = trainer_class(
-      run_fn='components.trainer.task.run_fn',
+      run_fn='carvision.components.trainer.task.run_fn',
       examples=transform.outputs['transformed_examples'],
       transform_graph=transform.outputs['transform_graph'],
       schema=schema_gen.outputs['schema'],

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from typing import Optional
 
 # A line that starts a new record: after a dropped record, the lines that do not start one
@@ -119,7 +120,6 @@ _FILTER: Optional[StderrFilter] = None
 def install() -> None:
   """Quiet mode for this process and the processes it starts."""
   global _FILTER
-  import warnings  # pylint: disable=g-import-not-at-top
   warnings.simplefilter('ignore')  # library deprecation notes; errors are exceptions, not warnings
   os.environ['PYTHONWARNINGS'] = 'ignore'  # Beam worker processes
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

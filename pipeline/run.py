@@ -2,23 +2,33 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
 import json
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
 from typing import Any, Dict, Optional
 
-from pipeline.config import Config
+from carvision.components.errors import BusyError
+from carvision.components.progress import duration, say
+from carvision.pipeline.config import REPO_ROOT, Config
+from carvision.pipeline.pipeline import RESUME_DIR, create_pipeline
 
 
 def card_extras(data_dir: Optional[str] = None) -> Dict[str, Any]:
   """Model-card fields known only to the launcher: command, code version, data manifest."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from pipeline.config import REPO_ROOT  # pylint: disable=g-import-not-at-top
   try:
     code = subprocess.run(['git', '-C', REPO_ROOT, 'describe', '--always', '--dirty'],
                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
   except (OSError, subprocess.SubprocessError):
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
     try:
       code = 'carvision ' + metadata.version('carvision')
     except metadata.PackageNotFoundError:
@@ -39,7 +49,6 @@ def card_extras(data_dir: Optional[str] = None) -> Dict[str, Any]:
 def machine() -> Dict[str, Any]:
   """What a timing depends on: CPU model, cores, vector extensions (AVX-512 trains ~3x faster
   than AVX2 here), memory."""
-  import platform  # pylint: disable=g-import-not-at-top
   info: Dict[str, Any] = {'cores': os.cpu_count(), 'cpu': platform.processor() or None}
   try:
     with open('/proc/cpuinfo') as f:
@@ -65,9 +74,7 @@ RUN_STATE = '.carvision-run.json'  # in the pipeline root: the last run's identi
 
 def progress_runner():
   """TFX's BeamDagRunner, with one line as each component starts and as it ends."""
-  import time  # pylint: disable=g-import-not-at-top
   from tfx.orchestration.beam import beam_dag_runner  # pylint: disable=g-import-not-at-top
-  from components.progress import duration, say  # pylint: disable=g-import-not-at-top
 
   class Node(beam_dag_runner.PipelineNodeAsDoFn):
 
@@ -90,8 +97,6 @@ def run_identity(cfg: Config, data_dir: Optional[str] = None) -> str:
   """What makes two launches the same run: the whole config and the data. With `--data`
   the throwaway database's and photo host's addresses change every launch; the data set
   is then named by its manifest (or its path)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import hashlib  # pylint: disable=g-import-not-at-top
   d = dataclasses.asdict(cfg)
   if data_dir:
     d['ingest']['dsn'] = d['ingest']['image_url_template'] = None
@@ -150,10 +155,7 @@ def run_direct(cfg: Config, card: Optional[Dict[str, Any]] = None,
   it: nodes that completed are not run again (TFX partial run from the incomplete ones,
   reusing the stopped run's artifacts) and the Trainer goes on from its checkpoints.
   `restart` starts over. Returns the run state (key, started, resumes, status)."""
-  import datetime  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   from tfx.orchestration import pipeline as tfx_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.pipeline import RESUME_DIR, create_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)), exist_ok=True)
   card = dict(card if card is not None else card_extras())
   root = cfg.path(cfg.pipeline.root)
@@ -196,11 +198,6 @@ def root_lock(cfg: Config, fresh: bool = False):
   """One run at a time on a pipeline root: a second `run` (or `demo`) on it stops at once
   with the first one's pid and command instead of sharing its ML Metadata and artifacts.
   The lock is the kernel's (flock), so a killed run never leaves it held."""
-  import fcntl  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from components.errors import BusyError  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   root = cfg.path(cfg.pipeline.root)
   if '://' in root or root in _HELD:  # remote (Dataflow/Vertex): its orchestrator serialises runs
     yield
@@ -238,8 +235,6 @@ def root_lock(cfg: Config, fresh: bool = False):
 def private_tmpdir():
   """TMPDIR for one run, removed after it: each Beam component leaves an sdist of TFX there
   (tfx's dependency_utils repackages its own installation, about 50 MB, and never deletes it)."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   before, cached = os.environ.get('TMPDIR'), tempfile.tempdir
   tmp = tempfile.mkdtemp(prefix='carvision-run-')
   os.environ['TMPDIR'], tempfile.tempdir = tmp, None  # workers started from here inherit it
@@ -259,5 +254,4 @@ def private_tmpdir():
 
 def started(card: Dict[str, Any]) -> Dict[str, Any]:
   """The card stamped with now: its wall time runs from here (ingestion included) to the push."""
-  import datetime  # pylint: disable=g-import-not-at-top
   return {**card, 'run_started': datetime.datetime.now(datetime.timezone.utc).isoformat()}

@@ -14,7 +14,7 @@ import os
 import re
 from typing import List
 
-from pipeline.config import Config
+from carvision.pipeline.config import Config
 
 _SECRET_PATTERNS = (re.compile(r'password\s*=', re.I), re.compile(r'PGPASSWORD', re.I))
 
@@ -79,8 +79,8 @@ def cloud_config(cfg: Config) -> Config:
 
 def run_dataflow(cfg: Config) -> None:
   from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner  # pylint: disable=g-import-not-at-top
-  from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.run import card_extras, started  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline.run import card_extras, started  # pylint: disable=g-import-not-at-top
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   os.makedirs(os.path.dirname(cfg.path(cfg.pipeline.metadata)) or '.', exist_ok=True)
@@ -90,8 +90,8 @@ def run_dataflow(cfg: Config) -> None:
 def compile_vertex(cfg: Config, output: str = None) -> str:
   """Writes the Vertex AI pipeline spec JSON; returns its path. Offline."""
   from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2  # pylint: disable=g-import-not-at-top
-  from pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
-  from pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline.pipeline import create_pipeline  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline.run import card_extras  # pylint: disable=g-import-not-at-top
   cfg = cloud_config(cfg)
   cfg.pipeline.beam_args = dataflow_args(cfg)
   output = cfg.path(output or cfg.cloud.vertex_spec)

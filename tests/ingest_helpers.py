@@ -7,8 +7,8 @@ import os
 
 import apache_beam as beam
 
-from components.example_gen import beam_ingest
-from pipeline import config as config_lib
+from carvision.components.example_gen import beam_ingest
+from carvision.pipeline import config as config_lib
 
 
 def ingest_config(**over):

@@ -4,7 +4,7 @@ import csv
 import json
 import os
 
-from components import audit
+from carvision.components import audit
 from tests.helpers import TINY
 from tests.test_cli import SHIPPED, _cli, _one_line_error
 from tests.test_ingest import _edit_db, _pick_ads

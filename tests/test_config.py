@@ -2,7 +2,7 @@
 the key, the value given and what is allowed (issue: config validation)."""
 import pytest
 
-from pipeline import config
+from carvision.pipeline import config
 
 
 @pytest.mark.parametrize('override, message', [

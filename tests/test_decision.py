@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from components import decision as D
+from carvision.components import decision as D
 
 LABELS = ['Audi|A4|2012', 'Audi|A6|2011', 'BMW|X5|2007', 'BMW|M3|2012', 'Ford|F-150|2007']
 
@@ -84,7 +84,7 @@ def test_evaluate_reports_the_configured_decision_and_skips_unknown_classes():
 
 
 def test_scores_carry_answers_worst_makes_and_the_optional_make_gate(tmp_path):
-  from components import names, report, scoring
+  from carvision.components import names, report, scoring
   rng = np.random.default_rng(2)
   truth_idx = rng.integers(0, 5, 120)
   probs = rng.dirichlet(np.ones(5), size=120)
@@ -111,8 +111,8 @@ def test_scores_carry_answers_worst_makes_and_the_optional_make_gate(tmp_path):
 
 
 def test_thresholds_config_wins_over_the_models_own():
-  from components import scoring
-  from pipeline.config import ServeConfig
+  from carvision.components import scoring
+  from carvision.pipeline.config import ServeConfig
   saved = {'class_min_confidence': 0.7, 'make_min_confidence': 0.4, 'target_precision': 0.95}
   assert scoring.thresholds(ServeConfig(), saved)['class_min_confidence'] == 0.7
   cfg = ServeConfig(class_min_confidence=0.9)

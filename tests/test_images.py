@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import images
+from carvision.components import images
 from tests.helpers import TINY
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from components.example_gen import beam_ingest, records
+from carvision.components.example_gen import beam_ingest, records
 from tests.helpers import TINY
 from tests.ingest_helpers import expected_from_labels, run_ingest
 
@@ -170,7 +170,7 @@ def test_dead_letter_share_limit_fails_loudly(tmp_path, image_host):
 def test_full_dataset_reconciles_with_manifest(tmp_path, postgres):
   import csv
   import json
-  from pipeline import services
+  from carvision.pipeline import services
   from tests.helpers import SHARED_FULL
   dsn = postgres.create_db('car_ads_full', os.path.join(SHARED_FULL, 'seez.sql'))
   host = services.ImageHost(os.path.join(SHARED_FULL, 'images'))
@@ -350,7 +350,7 @@ def test_csv_spans_latest_and_pinned(tmp_path, image_host):
 
 def test_rate_limiter_spaces_requests():
   import time
-  from components.example_gen import fetch
+  from carvision.components.example_gen import fetch
   limiter = fetch.RateLimiter(50.0)
   t = time.monotonic()
   for _ in range(11):
@@ -378,7 +378,7 @@ def test_split_does_not_depend_on_mapping_order():
     ({'train': 70, 'validation': 'ten', 'test': 20}, 'positive integer'),
 ])
 def test_splits_other_than_train_validation_test_are_refused(splits, message):
-  from pipeline import config
+  from carvision.pipeline import config
   with pytest.raises(ValueError, match=message):
     config.load('demo', {'ingest.splits': splits})
 
@@ -387,7 +387,7 @@ def test_exif_rotated_photo_is_stored_upright(tmp_path, image_host):
   """Phones write the camera's orientation in EXIF; TensorFlow's decoder ignores it, so the
   example holds the upright photo (what `predict` decodes from the original)."""
   import tensorflow as tf
-  from components import images
+  from carvision.components import images
   src = Image.new('RGB', (64, 32), (200, 10, 10))  # wider than high
   exif = Image.Exif()
   exif[images.EXIF_ORIENTATION] = 6

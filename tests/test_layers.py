@@ -6,10 +6,11 @@ import os
 
 from tests.helpers import REPO
 
+NAMESPACE = 'carvision.'
 COMPONENT_FOLDERS = ('example_gen', 'trainer', 'tflite_evaluator', 'pusher')
 
 
-def _imports(path):
+def _names(path):
   tree = ast.parse(open(path, encoding='utf-8').read(), path)
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -17,6 +18,13 @@ def _imports(path):
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       yield node.module
       yield from (f'{node.module}.{a.name}' for a in node.names)
+
+
+def _imports(path):
+  """The project's imports of a file, without the `carvision.` namespace."""
+  for name in _names(path):
+    if name.startswith(NAMESPACE):
+      yield name[len(NAMESPACE):]
 
 
 def _modules(folder):
@@ -47,4 +55,14 @@ def test_the_pipeline_layer_never_imports_the_command_line():
            or n.startswith('pipeline.cli.')]
   wrong += [f'{os.path.relpath(p, REPO)} imports {n}' for folder in ('components', 'bench')
             for p in _modules(folder) for n in _imports(p) if n.startswith('pipeline.cli')]
+  assert not wrong, '\n'.join(wrong)
+
+
+def test_no_module_imports_the_top_level_folders_outside_the_namespace():
+  """`pipeline` and `components` are installed as carvision.pipeline / carvision.components:
+  a plain `import pipeline...` works in a checkout only, and would load a second copy."""
+  wrong = [f'{os.path.relpath(p, REPO)} imports {n}'
+           for folder in ('pipeline', 'components', 'bench', 'tests', 'scripts')
+           for p in _modules(folder) for n in _names(p)
+           if n.split('.')[0] in ('pipeline', 'components')]
   assert not wrong, '\n'.join(wrong)

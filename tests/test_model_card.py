@@ -1,7 +1,7 @@
 """The Pusher's model card is a pure function of what the Trainer and the gate recorded."""
 import datetime
 
-from components.pusher.executor import model_card
+from carvision.components.pusher.executor import model_card
 
 
 def _inputs(**over):

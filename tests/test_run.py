@@ -9,7 +9,7 @@ def test_a_run_leaves_nothing_in_tmpdir():
   import sys
   import tempfile
   from tfx.utils import dependency_utils
-  from pipeline import run
+  from carvision.pipeline import run
   with run.private_tmpdir() as tmp:
     flags = dependency_utils.make_beam_dependency_flags([])  # what each Beam executor does
     sdist = flags[-1].split('=', 1)[1]

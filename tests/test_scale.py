@@ -5,13 +5,13 @@ import os
 
 import pytest
 
-from pipeline import config as config_lib
-from pipeline import runners
+from carvision.pipeline import config as config_lib
+from carvision.pipeline import runners
 from tests.ingest_helpers import run_ingest
 
 
 def test_vertex_spec_has_every_component_with_image_and_args(tmp_path, monkeypatch):
-  from pipeline import cli
+  from carvision.pipeline import cli
   monkeypatch.setenv('PGPASSWORD', 'not-in-the-spec-0451')
   out = tmp_path / 'spec.json'
   assert cli.main(['run', '--runner', 'vertex', '--config', 'dataflow', '--output', str(out)]) == 0
@@ -88,7 +88,7 @@ def _content(ex):
 
 def test_two_worker_processes_match_in_process(tmp_path, tiny_dsn, image_host):
   import apache_beam as beam
-  from components.example_gen import beam_ingest
+  from carvision.components.example_gen import beam_ingest
   from tests.ingest_helpers import ingest_config
   single, _, ex1 = run_ingest(tmp_path / 'one', dsn=tiny_dsn,
                               image_url_template=image_host.url_template)
@@ -112,7 +112,7 @@ def test_two_worker_processes_match_in_process(tmp_path, tiny_dsn, image_host):
 
 
 def test_vertex_training_job_spec_from_config():
-  from pipeline.pipeline import vertex_training_config
+  from carvision.pipeline.pipeline import vertex_training_config
   cfg = config_lib.load('dataflow', {'cloud.trainer.replica_count': 3,
                                      'cloud.trainer.accelerator_type': 'NVIDIA_L4'})
   got = vertex_training_config(cfg)

@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from components.trainer import tflite_metadata
+from carvision.components.trainer import tflite_metadata
 
 
 def _tiny_tflite(n_out=3, size=8):

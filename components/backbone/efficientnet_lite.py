@@ -10,6 +10,7 @@ Input: float pixels already normalised as (x - 127) / 128 (see `normalise`).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -193,7 +194,6 @@ def _torch_to_keras(sd: Dict[str, np.ndarray], n_blocks: int) -> Dict[str, list]
 
 def pytorch_weights_path(variant: str) -> str:
   """Where pip put the ImageNet checkpoint of `variant` (installed with the environment)."""
-  import importlib  # pylint: disable=g-import-not-at-top
   if variant not in WEIGHT_PACKAGES:
     raise ValueError(f'no published ImageNet weights for {variant}; have {sorted(WEIGHT_PACKAGES)}')
   pkg = importlib.import_module(WEIGHT_PACKAGES[variant])
@@ -206,7 +206,7 @@ def pytorch_weights_path(variant: str) -> str:
 
 def load_pytorch_weights(model, path: str) -> None:
   """Copies a PyTorch EfficientNet(-Lite) checkpoint into `model`, checking every shape."""
-  from components.backbone import torch_pickle  # pylint: disable=g-import-not-at-top
+  from carvision.components.backbone import torch_pickle  # pylint: disable=g-import-not-at-top
   sd = torch_pickle.load(path)
   n_blocks = len(block_names(model))
   mapped = _torch_to_keras(sd, n_blocks)

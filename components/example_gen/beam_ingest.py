@@ -13,9 +13,9 @@ import apache_beam as beam
 import apache_beam.io.fileio  # noqa: F401  (beam.io.fileio)
 from apache_beam.metrics import Metrics
 
-from components.errors import SourceError, UserError
-from components import images
-from components.example_gen import records
+from carvision.components.errors import SourceError, UserError
+from carvision.components import images
+from carvision.components.example_gen import records
 
 NAMESPACE = 'carvision.ingest'
 DEAD_LETTER_DIR = 'dead_letters'
@@ -63,7 +63,7 @@ class _FetchAndValidate(beam.DoFn):
     self.fetcher = None
 
   def setup(self):
-    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+    from carvision.components.example_gen import fetch  # pylint: disable=g-import-not-at-top
     http = self.ingest['http']
     self.fetcher = fetch.Fetcher(
         self.ingest['image_url_template'], concurrency=http['concurrency'],
@@ -134,7 +134,7 @@ def read_rows(p: beam.Pipeline, ingest: Dict[str, Any]) -> Tuple[beam.PCollectio
   if bool(ingest.get('dsn')) == bool(ingest.get('csv')):
     raise UserError('ingest needs exactly one of `dsn` (Postgres) or `csv` (cars.csv pattern)')
   if ingest.get('dsn'):
-    from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
+    from carvision.components.example_gen import postgres  # pylint: disable=g-import-not-at-top
     dsn, classes, conf = ingest['dsn'], ingest['vehicle_classes'], ingest['min_confidence']
     secret = ingest.get('password_secret')
     plan = postgres.plan_reads(dsn, ingest['partitions'], secret)

@@ -10,8 +10,8 @@ from tfx.dsl.components.base import executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
-from components.artifacts import DeadLetters
-from components.example_gen import executor
+from carvision.components.artifacts import DeadLetters
+from carvision.components.example_gen import executor
 
 
 class CarAdsExampleGenSpec(types.ComponentSpec):

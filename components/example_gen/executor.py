@@ -7,7 +7,7 @@ from tfx import types
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
-from components.example_gen import beam_ingest
+from carvision.components.example_gen import beam_ingest
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):

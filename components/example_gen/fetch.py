@@ -14,8 +14,8 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from components.errors import SourceError, UserError
-from components.example_gen import records
+from carvision.components.errors import SourceError, UserError
+from carvision.components.example_gen import records
 
 # (data or None, dead-letter reason or None, detail)
 FetchResult = Tuple[Optional[bytes], Optional[str], str]

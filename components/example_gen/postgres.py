@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from components.errors import SourceError
-from components.example_gen import records
+from carvision.components.errors import SourceError
+from carvision.components.example_gen import records
 
 _ROWS_SQL = """
 SELECT i.ad_id, i.p_hash, i.position, i.yolo_classification,
@@ -64,7 +65,6 @@ def database_errors():
 
 def connect(dsn: str, password_secret: Optional[str] = None):
   """libpq reads PGPASSWORD itself; otherwise the configured Secret Manager version."""
-  import os  # pylint: disable=g-import-not-at-top
   import psycopg2  # pylint: disable=g-import-not-at-top
   kwargs = {}
   if password_secret and not os.environ.get('PGPASSWORD'):

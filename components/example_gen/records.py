@@ -6,6 +6,7 @@ dead letter with a reason, so `rows == examples + dead letters` always holds.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -13,8 +14,8 @@ import json
 import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from components import features as F
-from components import names
+from carvision.components import features as F
+from carvision.components import names
 
 # Dead-letter reasons (also the Beam counter names, prefixed `dead_letter_`).
 HTTP_404 = 'http_404'
@@ -150,7 +151,7 @@ def validate_image(data: bytes, max_pixels: int) -> Tuple[Optional[str], str, in
   if not data:
     return EMPTY, 'zero-byte body', 0, 0
   if not data.startswith(JPEG_MAGIC):
-    from components import images  # pylint: disable=g-import-not-at-top
+    from carvision.components import images  # pylint: disable=g-import-not-at-top
     return NOT_JPEG, f'content starts with {data[:8]!r} ({images.sniff(data)})', 0, 0
   try:
     with Image.open(io.BytesIO(data)) as img:
@@ -262,7 +263,6 @@ _SWALLOWED = re.compile(r'[\r\n]\s*\d+\s*,')  # a line inside a field that start
 
 def _one_line(text: str, delimiter: str = ',') -> Any:
   """One physical line as a CSV record (its fields), or what is wrong with it (a str)."""
-  import csv  # pylint: disable=g-import-not-at-top
   body = text.rstrip('\r\n')
   try:
     fields = next(csv.reader([body], strict=True, delimiter=delimiter), [])
@@ -289,7 +289,6 @@ def rows_from_csv(data: bytes, source: str) -> Iterator[Row]:
   record with bytes that are not UTF-8 is one `bad_row`, not a failed ingest. Details
   name the file and the record's first line.
   """
-  import csv  # pylint: disable=g-import-not-at-top
   text = data.decode('utf-8', 'surrogateescape')
   if text.startswith('\ufeff'):
     text = text[1:]  # a UTF-8 byte-order mark (spreadsheet exports)

@@ -7,7 +7,7 @@ from tfx.dsl.components.base import executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
-from components.tflite_evaluator import executor
+from carvision.components.tflite_evaluator import executor
 
 
 class TFLiteEvaluatorSpec(types.ComponentSpec):

@@ -11,10 +11,10 @@ from typing import Annotated, Any, Dict, List, Optional
 import pydantic
 import pydantic.dataclasses
 
-from components.backbone import efficientnet_lite, tf_checkpoint
-from components.validation import (STRICT, Fraction, NonNegative, Positive, PositiveFloat,
+from carvision.components.backbone import efficientnet_lite, tf_checkpoint
+from carvision.components.validation import (STRICT, Fraction, NonNegative, Positive, PositiveFloat,
                                    check, explain, one_of)
-from components.views import parse_views
+from carvision.components.views import parse_views
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKBONES = tuple(efficientnet_lite.VARIANTS) + tuple(tf_checkpoint.VARIANTS)

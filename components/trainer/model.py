@@ -7,22 +7,22 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 import tf_keras as keras
 
-from components.backbone import efficientnet_lite as el
-from components.views import parse_views  # noqa: F401  (M.parse_views for callers)
+from carvision.components.backbone import efficientnet_lite as el
+from carvision.components.views import parse_views  # noqa: F401  (M.parse_views for callers)
 
 CLASS_OUT, MAKE_OUT = 'class', 'make'
 
 
 def raw_pixel_input(name: str) -> bool:
   """EfficientNet-B (Keras applications) normalises inside; Lite takes (x - 127) / 128."""
-  from components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
+  from carvision.components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
   return name in tf_checkpoint.VARIANTS
 
 
 def backbone(name: str, weights: Optional[str], size: int) -> keras.Model:
   """The ImageNet (or untrained, weights 'none') network `name`; model.backbone/weights/image_size."""
   if raw_pixel_input(name):
-    from components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
+    from carvision.components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
     if weights in (None, 'none'):
       return tf_checkpoint.build(name, (size, size, 3))
     if weights == 'imagenet':

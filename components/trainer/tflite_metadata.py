@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 
 import flatbuffers
 
-from components.third_party import tflite_metadata_schema_py_generated as meta_fb
-from components import names
+from carvision.components.third_party import tflite_metadata_schema_py_generated as meta_fb
+from carvision.components import names
 
 METADATA_FIELD_NAME = 'TFLITE_METADATA'
 MODEL_IDENTIFIER = b'TFL3'

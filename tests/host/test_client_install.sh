@@ -15,20 +15,26 @@ if [ ! -f "$VENV/.complete" ]; then
   rm -rf "$VENV"; python3 -m venv "$VENV"
   # a copy: building in the repository would leave build/ and *.egg-info behind
   src=$(mktemp -d /tmp/carvision-src-XXXX)
-  cp -r "$REPO/setup.py" "$REPO/requirements.in" "$REPO/README.md" "$REPO/pipeline" "$REPO/components" \
+  cp -r "$REPO/setup.py" "$REPO/requirements.in" "$REPO/README.md" "$REPO/carvision" "$REPO/pipeline" "$REPO/components" \
     "$REPO/configs" "$REPO/schemas" "$src/"
   "$VENV/bin/pip" install -q -c "$REPO/requirements.lock" "$src" >"$CACHE/host-client.log" 2>&1 || {
     tail -5 "$CACHE/host-client.log"; rm -rf "$src"; echo "FAIL: pip install carvision (client)"; exit 1; }
   rm -rf "$src"
   touch "$VENV/.complete"
 fi
+"$VENV/bin/carvision" --version | grep -qx 'carvision [0-9][0-9.a-z]*' || { echo "FAIL: carvision --version"; exit 1; }
+"$VENV/bin/python" -I - <<'PY' || { echo "FAIL: the install's namespace"; exit 1; }
+import importlib.util, carvision.pipeline, carvision.components.names
+for top in ('pipeline', 'components'):  # only inside the carvision namespace
+  assert importlib.util.find_spec(top) is None, f'pip install put a top-level {top!r} package in'
+PY
 if "$VENV/bin/python" -c 'import tensorflow' 2>/dev/null; then
   echo "FAIL: the client install pulled TensorFlow in"; exit 1
 fi
 work=$(mktemp -d /tmp/carvision-client-XXXX); trap 'rm -rf "$work"' EXIT
 mapfile -t photos < <(awk -F, 'NR==1{for(i=1;i<=NF;i++)c[$i]=i; next}
   $c["is_car"]=="true" && $c["file_ok"]=="true" {print $c["p_hash"]}' \
-  "$REPO/tests/data/car_ads_tiny/labels.csv" | sort -u | sed -n 1,12p | sed "s|.*|$REPO/tests/data/car_ads_tiny/images/&.jpg|")
+  "$REPO/data/car_ads_tiny/labels.csv" | sort -u | sed -n 1,12p | sed "s|.*|$REPO/data/car_ads_tiny/images/&.jpg|")
 (cd "$work" && "$VENV/bin/carvision" predict --model "$MODEL" --json --top-k 3 "${photos[@]}") \
   >"$work/client.json" 2>"$work/client.err" || { tail -5 "$work/client.err"; echo "FAIL: client predict"; exit 1; }
 if grep -v '^note: ' "$work/client.err" | grep -q .; then
