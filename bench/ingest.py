@@ -20,16 +20,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apache_beam as beam  # noqa: E402
 import requests  # noqa: E402
 
-from components.example_gen import beam_ingest, records  # noqa: E402
-from pipeline import config as config_lib  # noqa: E402
+from carvision.components.example_gen import beam_ingest, records  # noqa: E402
+from carvision.pipeline import config as config_lib  # noqa: E402
 
-TINY = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
+TINY = config_lib.SAMPLE_DIR
 
 
 HOST_CODE = (
     'import sys, time\n'
-    'from pipeline import services\n'
-    'h = services.ImageHost(sys.argv[1], latency_s=float(sys.argv[2]))\n'
+    'from tests.photo_host import FaultyImageHost\n'
+    'h = FaultyImageHost(sys.argv[1], latency_s=float(sys.argv[2]))\n'
     'print(h.url_template, flush=True)\n'
     'time.sleep(1e9)\n')
 

@@ -19,11 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from components import names, serving  # noqa: E402
-from components.example_gen import records  # noqa: E402
-from pipeline import config as config_lib  # noqa: E402
+from carvision.components import names, serving  # noqa: E402
+from carvision.components.example_gen import records  # noqa: E402
+from carvision.pipeline import config as config_lib  # noqa: E402
 
-TINY = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny', 'images')
+TINY = os.path.join(config_lib.SAMPLE_DIR, 'images')
 
 
 def _find(root, name):

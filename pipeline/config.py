@@ -16,12 +16,12 @@ import pydantic
 import pydantic.dataclasses
 import yaml
 
-from components.errors import UserError
-from components.features import SPLIT_ROLES
-from components.trainer.config import (BACKBONES, WARM_STARTS, ModelConfig, ServeConfig,  # noqa: F401
+from carvision.components.errors import UserError
+from carvision.components.features import SPLIT_ROLES
+from carvision.components.trainer.config import (BACKBONES, WARM_STARTS, ModelConfig, ServeConfig,  # noqa: F401
                                        StageConfig, TrainerConfig, check_warm_start,
                                        trainer_config_from_json)
-from components.validation import (STRICT as _STRICT, Fraction, NonNegative, Positive,  # noqa: F401
+from carvision.components.validation import (STRICT as _STRICT, Fraction, NonNegative, Positive,  # noqa: F401
                                    PositiveFloat, Seconds, check as _check,
                                    explain as _explain, one_of as _one_of)
 
@@ -34,6 +34,8 @@ OLD_SPLITS_HINT = ("the two-split layout {train, eval} was replaced by {train, v
 ConfigError = UserError  # a configuration or command-line value; the message names it
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The embedded 10-class sample in the car_ads format: the demo's data and the tests' fixture.
+SAMPLE_DIR = os.path.join(REPO_ROOT, 'data', 'car_ads_tiny')
 CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
 if not os.path.isdir(CONFIG_DIR):  # installed from a wheel: setup.py's data_files
   import sys  # pylint: disable=g-import-not-at-top
@@ -51,7 +53,7 @@ class HttpConfig:
   max_bytes: Positive = 64 << 20           # larger bodies are dead letters (too_large)
   # Job-wide request budget for the photo host, split evenly over `workers` (the most
   # fetching workers that run at once, e.g. Dataflow max_num_workers); None = no limit.
-  max_requests_per_s: Optional[Seconds] = None
+  max_requests_per_s: Optional[PositiveFloat] = None
   workers: Positive = 1
 
 

@@ -2,7 +2,7 @@
 
 PostgreSQL: initdb + pg_ctl in a temporary directory on a free loopback port (as the
 `postgres` user when run as root); the dump is loaded with psql. The photo host: an
-HTTP server on loopback serving `<dir>/<p_hash>.jpg`, able to inject faults.
+HTTP server on loopback serving `<dir>/<p_hash>.jpg`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
-from typing import Callable, Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 
 def free_port() -> int:
@@ -97,21 +96,19 @@ def load_sql(dsn: str, sql_file: str) -> None:
     raise RuntimeError(f'loading {sql_file} failed: {res.stdout[-2000:]}')
 
 
-# A fault: called with the p_hash; returns (status, body) to answer instead of the file,
-# (None, seconds) to hang and close without answering, ('trickle', seconds) to send the
-# file one byte every `seconds` (a slow host that never trips a read timeout; it gives up
-# after 60 s or when the client goes), or None to serve the file.
-Fault = Callable[[str], Optional[tuple]]
-
-
 class ImageHost:
-  """Serves `<directory>/<name>` over HTTP on 127.0.0.1; `faults` rewrite answers per p_hash."""
+  """Serves `<directory>/<name>` over HTTP on 127.0.0.1: the photo host of the demo and of
+  `--data` (tests/photo_host.py adds faults to it)."""
 
-  def __init__(self, directory: str, latency_s: float = 0.0):
+  def __init__(self, directory: str):
     self.directory = directory
-    self.latency_s = latency_s
-    self.faults: Dict[str, Fault] = {}
-    self.hits: Dict[str, int] = {}
+    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), self.handler())
+    self.server.daemon_threads = True
+    self.port = self.server.server_address[1]
+    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    self.thread.start()
+
+  def handler(self) -> type:
     host = self
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -123,55 +120,7 @@ class ImageHost:
       def log_message(self, *args):  # quiet
         pass
 
-      def do_GET(self):  # noqa: N802
-        name = os.path.basename(self.path.split('?')[0])
-        key = name.rsplit('.', 1)[0]
-        host.hits[key] = host.hits.get(key, 0) + 1
-        if host.latency_s:
-          time.sleep(host.latency_s)
-        fault = host.faults.get(key)
-        answer = fault(key) if fault else None
-        if answer is not None:
-          status, body = answer
-          if status is None:  # hang: sleep `body` seconds, then close without answering
-            time.sleep(body)
-            self.close_connection = True
-            return
-          if status == 'trickle':
-            self._trickle(os.path.join(host.directory, name), float(body))
-            return
-          self.send_response(status)
-          self.send_header('Content-Type', 'image/jpeg')
-          self.send_header('Content-Length', str(len(body)))
-          self.end_headers()
-          self.wfile.write(body)
-          return
-        super().do_GET()
-
-      def _trickle(self, path, every_s):
-        with open(path, 'rb') as f:
-          data = f.read()
-        self.send_response(200)
-        self.send_header('Content-Type', 'image/jpeg')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.close_connection = True
-        end = time.monotonic() + 60.0
-        for i in range(len(data)):
-          if time.monotonic() > end:
-            return
-          try:
-            self.wfile.write(data[i:i + 1])
-            self.wfile.flush()
-          except OSError:  # the client gave up
-            return
-          time.sleep(every_s)
-
-    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.server.daemon_threads = True
-    self.port = self.server.server_address[1]
-    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-    self.thread.start()
+    return Handler
 
   @property
   def url_template(self) -> str:

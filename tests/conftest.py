@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import services  # noqa: E402
+from carvision.pipeline import services  # noqa: E402
 from tests.helpers import REPO, SHARED_FULL, TINY  # noqa: E402,F401
 
 _rc = 0
@@ -59,7 +59,8 @@ def tiny_dsn(postgres):
 
 @pytest.fixture()
 def image_host():
-  host = services.ImageHost(os.path.join(TINY, 'images'))
+  from tests.photo_host import FaultyImageHost
+  host = FaultyImageHost(os.path.join(TINY, 'images'))
   yield host
   host.stop()
 

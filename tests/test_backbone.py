@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.backbone import efficientnet_lite as el
+from carvision.components.backbone import efficientnet_lite as el
 from tests.helpers import TINY
 
 # ImageNet classes of cars and their parts (sports car, convertible, minivan, ...).
@@ -22,6 +22,25 @@ def _photos(size, n=6):
                    for f in files])
 
 
+def _write_official_checkpoint(model, variant: str, path: str, ema: bool = True,
+                               raw_delta: float = 0.0) -> str:
+  """Writes `model`'s weights under the official tensorflow/tpu variable names.
+
+  With `ema`, the EMA shadows hold the weights and the raw variables the weights + raw_delta.
+  """
+  import tensorflow as tf
+  from carvision.components.backbone import tf_checkpoint as tc
+  names = tc.official_names(model, tc.VARIANTS[variant][1])
+  variables = {}
+  for layer in model.layers:
+    for var, name in zip(layer.weights, names.get(layer.name, [])):
+      variables[name] = tf.Variable(var.numpy() + (raw_delta if ema else 0.0))
+      if ema:
+        variables[name + '/ExponentialMovingAverage'] = tf.Variable(var.numpy())
+  saver = tf.compat.v1.train.Saver(var_list=variables)
+  return saver.save(sess=None, save_path=path)
+
+
 @pytest.mark.parametrize('variant', ['efficientnet_lite0', 'efficientnet_lite2'])
 def test_converted_weights_see_cars(variant):
   size = el.VARIANTS[variant][2]
@@ -34,7 +53,7 @@ def test_converted_weights_see_cars(variant):
 
 
 def test_block_plan_matches_checkpoint():
-  from components.backbone import torch_pickle
+  from carvision.components.backbone import torch_pickle
   for variant, blocks in (('efficientnet_lite0', 16), ('efficientnet_lite2', 21)):
     sd = torch_pickle.load(el.pytorch_weights_path(variant))
     assert sum(k.endswith('._project_conv.weight') for k in sd) == len(el.block_plan(variant)) == blocks
@@ -42,7 +61,7 @@ def test_block_plan_matches_checkpoint():
 
 def test_untrusted_pickle_is_refused(tmp_path):
   import pickle
-  from components.backbone import torch_pickle
+  from carvision.components.backbone import torch_pickle
   path = tmp_path / 'evil.pth'
   with open(path, 'wb') as f:
     pickle.dump(torch_pickle._LEGACY_MAGIC, f)
@@ -85,14 +104,14 @@ def test_split_network_equals_whole():
 def test_tf_checkpoint_with_official_names_converts_exactly(tmp_path):
   """A checkpoint written under the official tensorflow/tpu names (EMA shadows preferred)."""
   import tensorflow as tf
-  from components.backbone import tf_checkpoint as tc
+  from carvision.components.backbone import tf_checkpoint as tc
   src = tc.build('efficientnet_b0', (64, 64, 3))
   for w in src.weights:  # distinctive weights, not the initialiser's
     if 'normalization' not in w.name and w.dtype == tf.float32:
       w.assign(tf.random.stateless_normal(w.shape, seed=[len(w.name), 1]) * 0.05 +
                (1.0 if 'variance' in w.name else 0.0))
   # EMA shadows = the weights; the raw variables are deliberately different
-  path = tc.write_official_checkpoint(src, 'efficientnet_b0', str(tmp_path / 'model.ckpt'),
+  path = _write_official_checkpoint(src, 'efficientnet_b0', str(tmp_path / 'model.ckpt'),
                                      raw_delta=0.5)
   names = {n for n, _ in tf.train.list_variables(path)}
   assert 'efficientnet-b0/blocks_0/depthwise_conv2d/depthwise_kernel/ExponentialMovingAverage' in names
@@ -108,7 +127,7 @@ def test_tf_checkpoint_with_official_names_converts_exactly(tmp_path):
 
 def test_tf_checkpoint_missing_variable_is_a_clear_error(tmp_path):
   import tensorflow as tf
-  from components.backbone import tf_checkpoint as tc
+  from carvision.components.backbone import tf_checkpoint as tc
   v = tf.Variable(np.zeros((3, 3, 3, 32), np.float32))
   path = tf.compat.v1.train.Saver(var_list={'efficientnet-b0/stem/conv2d/kernel': v}).save(
       None, str(tmp_path / 'partial.ckpt'))
@@ -118,7 +137,7 @@ def test_tf_checkpoint_missing_variable_is_a_clear_error(tmp_path):
 
 def test_bbox_crop_keeps_the_car():
   import tensorflow as tf
-  from components import images
+  from carvision.components import images
   img = np.zeros((100, 200, 3), np.uint8)
   img[20:60, 50:150] = 255  # the "car"
   jpeg = tf.io.encode_jpeg(img, quality=100)
@@ -135,7 +154,7 @@ def test_set_trainable_opens_only_the_named_blocks():
   """Regression: setting the model's own `trainable` after the per-layer flags used to
   unfreeze BN and every block (set_trainable now sets it first)."""
   import tf_keras as keras
-  from components.trainer import model as M
+  from carvision.components.trainer import model as M
   base = el.build('efficientnet_lite2', (64, 64, 3))
   blocks = el.block_names(base)
   n_conv = lambda ws: {w.name.split('/')[0] for w in ws}

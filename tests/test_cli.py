@@ -96,7 +96,7 @@ def test_password_in_a_dsn_is_refused_everywhere_and_never_printed(tmp_path):
 
 
 def test_source_errors_are_one_line_with_the_setting_to_fix(tmp_path):
-  from pipeline.services import free_port
+  from carvision.pipeline.services import free_port
   nobody = f'host=127.0.0.1 port={free_port()} dbname=seez user=postgres connect_timeout=3'
   _one_line_error(_cli('ingest', '--dsn', nobody, '--out', str(tmp_path / 'a')), 3,
                   'error: database:', 'PGPASSWORD')
@@ -208,7 +208,7 @@ def test_predict_and_evaluate_on_tflite_run_without_tensorflow():
   here, and the answers are the same; no TensorFlow/CUDA start-up noise on stderr."""
   photos = [os.path.join(TINY, 'images', p) for p in sorted(os.listdir(os.path.join(TINY, 'images')))[:3]]
   block = ('import sys; sys.modules.update(tensorflow=None, tensorflow_transform=None, '
-           'tf_keras=None, tfx=None); from pipeline import cli; sys.exit(cli.main(sys.argv[1:]))')
+           'tf_keras=None, tfx=None); from carvision.pipeline import cli; sys.exit(cli.main(sys.argv[1:]))')
   for args in (('predict', '--json', *photos),
                ('evaluate', '--data', TINY, '--limit', '8', '--top1-min', '0', '--top5-min', '0',
                 '--json')):
@@ -349,7 +349,7 @@ def test_two_runs_on_one_pipeline_root_or_two_ingests_into_one_out(tmp_path):
   import signal
   root = tmp_path / 'root'
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from pipeline import config, run\n'
+      [sys.executable, '-c', 'import sys, time; from carvision.pipeline import config, run\n'
        f'cfg = config.load("demo", {{"pipeline.root": {str(root)!r}}})\n'
        'with run.root_lock(cfg):\n  print("held", flush=True); time.sleep(600)'],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -363,12 +363,12 @@ def test_two_runs_on_one_pipeline_root_or_two_ingests_into_one_out(tmp_path):
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-  from pipeline import config, run
+  from carvision.pipeline import config, run
   with run.root_lock(config.load('demo', {'pipeline.root': str(root)})):
     pass  # free again once the holder is gone
   out = tmp_path / 'out'
   writer = subprocess.Popen(
-      [sys.executable, '-c', 'import time; from pipeline import outdir\n'
+      [sys.executable, '-c', 'import time; from carvision.pipeline import outdir\n'
        f'with outdir.fresh_output({str(out)!r}, False):\n  print("held", flush=True); time.sleep(600)'],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
@@ -419,7 +419,7 @@ def test_predict_takes_a_folder_of_500_photos_streams_them_and_shows_progress(tm
 
 
 def _cli_bg(*args):
-  return subprocess.Popen([sys.executable, '-m', 'pipeline.cli', *args], cwd=REPO,
+  return subprocess.Popen([sys.executable, '-m', 'carvision.pipeline.cli', *args], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -428,8 +428,8 @@ def test_ingest_stopped_at_several_moments_then_run_again(tmp_path):
   half-written at --out, no staging left; the same command then completes."""
   import signal
   import time
-  from pipeline import services
-  host = services.ImageHost(os.path.join(TINY, 'images'), latency_s=0.3)
+  from tests.photo_host import FaultyImageHost
+  host = FaultyImageHost(os.path.join(TINY, 'images'), latency_s=0.3)
   try:
     out = tmp_path / 'out'
     cmd = ('ingest', '--csv', os.path.join(TINY, 'cars.csv'), '--image-url-template',

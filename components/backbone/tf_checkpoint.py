@@ -106,22 +106,3 @@ def pretrained(variant: str, checkpoint: str, input_shape=(None, None, 3)):
   model = build(variant, input_shape)
   load(model, variant, checkpoint)
   return model
-
-
-def write_official_checkpoint(model, variant: str, path: str, ema: bool = True,
-                              raw_delta: float = 0.0) -> str:
-  """Writes `model`'s weights under the official variable names (tests, re-export).
-
-  With `ema`, the EMA shadows hold the weights and the raw variables the weights + raw_delta.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  scope = VARIANTS[variant][1]
-  names = official_names(model, scope)
-  variables = {}
-  for layer in model.layers:
-    for var, name in zip(layer.weights, names.get(layer.name, [])):
-      variables[name] = tf.Variable(var.numpy() + (raw_delta if ema else 0.0))
-      if ema:
-        variables[name + '/ExponentialMovingAverage'] = tf.Variable(var.numpy())
-  saver = tf.compat.v1.train.Saver(var_list=variables)
-  return saver.save(sess=None, save_path=path)

@@ -33,7 +33,7 @@ echo "[host] env.sh: secret passed by environment only: ok"
 # bin/carvision from outside the repository: relative and absolute paths outside it work;
 # a system directory of the environment is refused with one line.
 work=$(mktemp -d /tmp/carvision-host-XXXX); trap 'rm -rf "$tmp" "$work"' EXIT
-photos=("$REPO"/tests/data/car_ads_tiny/images/*.jpg)
+photos=("$REPO"/data/car_ads_tiny/images/*.jpg)
 cp "${photos[0]}" "$work/photo.jpg"
 out=$(cd "$work" && "$REPO/bin/carvision" predict --json --top-k 2 photo.jpg "$work/photo.jpg" 2>"$work/err") || {
   echo "FAIL: bin/carvision predict outside the repository: $(tail -3 "$work/err")"; exit 1; }

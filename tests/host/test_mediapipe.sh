@@ -19,7 +19,7 @@ work=$(mktemp -d /tmp/carvision-mp-XXXX); trap 'rm -rf "$work"' EXIT
 # 24 readable photos of the sample (labels.csv: car photos whose file is fine)
 mapfile -t photos < <(awk -F, 'NR==1{for(i=1;i<=NF;i++)c[$i]=i; next}
   $c["is_car"]=="true" && $c["file_ok"]=="true" {print $c["p_hash"]}' \
-  "$REPO/tests/data/car_ads_tiny/labels.csv" | sort -u | sed -n 1,24p | sed "s|.*|$REPO/tests/data/car_ads_tiny/images/&.jpg|")
+  "$REPO/data/car_ads_tiny/labels.csv" | sort -u | sed -n 1,24p | sed "s|.*|$REPO/data/car_ads_tiny/images/&.jpg|")
 "$REPO/bin/carvision" predict --json --top-k 1 "${photos[@]}" >"$work/litert.json" 2>"$work/err" || {
   tail -3 "$work/err"; echo "FAIL: carvision predict"; exit 1; }
 "$VENV/bin/python" "$REPO/tests/host/mediapipe_client.py" "$MODEL" "${photos[@]}" >"$work/mp.json" 2>"$work/mp.err" || {
