@@ -21,10 +21,10 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components import features as F  # noqa: E402
-from components.trainer import export  # noqa: E402
-from components.trainer import model as M  # noqa: E402
-from components.trainer import task  # noqa: E402
+from carvision.components import features as F  # noqa: E402
+from carvision.components.trainer import export  # noqa: E402
+from carvision.components.trainer import model as M  # noqa: E402
+from carvision.components.trainer import data  # noqa: E402
 
 
 def accuracy(p, y):
@@ -50,7 +50,7 @@ def main():
   spec = out.transformed_feature_spec()
   files = sorted(glob.glob(os.path.join(a.examples, 'Split-validation', '*')))
   xs, ys = [], []
-  for x, y in task.dataset(files, spec, a.size, 64, nc, nm, training=False):
+  for x, y in data.dataset(files, spec, a.size, 64, nc, nm, training=False):
     xs.append(x.numpy())
     ys.append(np.argmax(y[M.CLASS_OUT].numpy(), axis=1))
   x_eval, y_eval = np.concatenate(xs), np.concatenate(ys)

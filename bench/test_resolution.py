@@ -16,9 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow_transform as tft  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components import features as F  # noqa: E402
-from components.trainer import model as M  # noqa: E402
-from components.trainer import task  # noqa: E402
+from carvision.components import features as F  # noqa: E402
+from carvision.components.trainer import model as M  # noqa: E402
+from carvision.components.trainer import data  # noqa: E402
+from carvision.components.trainer import task  # noqa: E402
 
 
 def main():
@@ -40,7 +41,7 @@ def main():
     full = M.classifier(base, M.heads(int(base.output.shape[-1]), nc, nm, 0.0), size)
     full.set_weights(weights)
     task._compile(full, 1e-4, 0.0)  # pylint: disable=protected-access
-    r = full.evaluate(task.dataset(files, out.transformed_feature_spec(), size, 32, nc, nm,
+    r = full.evaluate(data.dataset(files, out.transformed_feature_spec(), size, 32, nc, nm,
                                    training=False), return_dict=True, verbose=0)
     print(f"{size}px: top-1 {r['class_top1']:.4f} top-5 {r['class_top5']:.4f} ({time.time() - t:.0f} s)",
           flush=True)

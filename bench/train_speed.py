@@ -20,10 +20,11 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from components import features as F  # noqa: E402
-from components.backbone import efficientnet_lite as el  # noqa: E402
-from components.trainer import model as M  # noqa: E402
-from components.trainer import task  # noqa: E402
+from carvision.components import features as F  # noqa: E402
+from carvision.components.backbone import efficientnet_lite as el  # noqa: E402
+from carvision.components.trainer import model as M  # noqa: E402
+from carvision.components.trainer import data  # noqa: E402
+from carvision.components.trainer import task  # noqa: E402
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
   for setting in args.settings.split(','):
     size = 224 if '224' in setting else 260
     if setting.startswith('data'):  # the input pipeline alone (decode, augment), no model
-      ds = task.dataset(files, spec, size, args.batch, n_classes, n_makes, training=True,
+      ds = data.dataset(files, spec, size, args.batch, n_classes, n_makes, training=True,
                         repeat=True, decoded_size=260 if setting.endswith('cached') else None)
       it = iter(ds)
       next(it)
@@ -61,7 +62,7 @@ def main():
     full = M.classifier(base, M.heads(int(base.output.shape[-1]), n_classes, n_makes, 0.3), size)
     M.set_trainable(base, 'top_blocks', args.top_blocks)
     task._compile(full, 1e-4, 0.1)  # pylint: disable=protected-access
-    ds = task.dataset(files, spec, size, args.batch, n_classes, n_makes, training=True,
+    ds = data.dataset(files, spec, size, args.batch, n_classes, n_makes, training=True,
                       repeat=True, decoded_size=260 if cached else None)
     if setting.startswith('step'):  # the training step alone: one batch over and over
       ds = tf.data.Dataset.from_tensors(next(iter(ds))).repeat()

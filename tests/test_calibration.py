@@ -1,7 +1,7 @@
 """Temperature scaling fitted on validation and baked into the heads."""
 import numpy as np
 
-from components import calibration
+from carvision.components import calibration
 
 
 def _overconfident(n=4000, classes=20, seed=0):
@@ -39,21 +39,21 @@ def test_ece_of_a_calibrated_model_is_small_and_reliability_adds_up():
 
 def test_baked_temperature_equals_dividing_the_logits():
   import tf_keras as keras
-  from components.trainer import model as M
-  from components.trainer import task
+  from carvision.components.trainer import model as M
+  from carvision.components.trainer import calibrate
   head = M.heads(8, 5, 3, 0.0)
   x = np.random.default_rng(0).normal(0, 1, (4, 8)).astype(np.float32)
   dense = head.get_layer(M.CLASS_OUT)
   k, b = dense.get_weights()
   logits = x @ k + b
-  task.bake_temperature(head, {M.CLASS_OUT: 2.5, M.MAKE_OUT: 1.0})
+  calibrate.bake_temperature(head, {M.CLASS_OUT: 2.5, M.MAKE_OUT: 1.0})
   out = head(x, training=False)[M.CLASS_OUT].numpy()
   np.testing.assert_allclose(out, calibration.softmax(logits / 2.5), atol=1e-6)
   assert isinstance(head, keras.Model)
 
 
 def test_scores_and_report_carry_the_reliability_diagram(tmp_path):
-  from components import report, scoring
+  from carvision.components import report, scoring
   labels = ['A|a|1', 'B|b|1', 'C|c|1']
   probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]])
   m = scoring.score(probs, labels, ['A|a|1', 'B|b|1', 'B|b|1', 'X|x|1'], groups=[1, 2, 2, 3])

@@ -15,7 +15,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import tf_keras as keras
-from components.trainer import distribute, model as M, task
+from carvision.components.trainer import data, distribute, model as M, task
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 16)).astype(np.float16)
@@ -29,7 +29,7 @@ for name, per_replica, lr in (('none', 8, 0.02), ('mirrored', 4, 0.01)):
     head.set_weights([np.full(w.shape, 0.05, np.float32) * (i + 1)
                       for i, w in enumerate(head.get_weights())])
     task._compile(head, lr_scaled, 0.1)
-    seq = task.ArrayBatches(x, y, batch, {M.CLASS_OUT: 5, M.MAKE_OUT: 3}, shuffle=False)
+    seq = data.ArrayBatches(x, y, batch, {M.CLASS_OUT: 5, M.MAKE_OUT: 3}, shuffle=False)
     head.fit(seq, epochs=3, verbose=0, shuffle=False)
   out[name] = {'replicas': strategy.num_replicas_in_sync, 'batch': batch, 'lr': lr_scaled,
                'weights': [w.tolist() for w in head.get_weights()]}
@@ -53,7 +53,7 @@ def test_two_replicas_train_like_one_device():
 
 
 def test_unknown_strategy_is_refused():
-  from components.trainer import distribute
+  from carvision.components.trainer import distribute
   with pytest.raises(ValueError, match='model.distribute'):
     distribute.strategy_for('horovod')
   assert distribute.scaled(16, 0.001, 4) == (64, 0.004)

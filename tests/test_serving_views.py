@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.backbone import efficientnet_lite as el
-from components.trainer import export
-from components.trainer import model as M
+from carvision.components.backbone import efficientnet_lite as el
+from carvision.components.trainer import export
+from carvision.components.trainer import model as M
 
 SIZE = 64
 
@@ -99,14 +99,14 @@ def test_int8_tflite_takes_uint8_and_outputs_float_probabilities(small):
 
 def test_trainer_refuses_inputs_outside_train_and_validation(tmp_path):
   """The gates judge the test split: a Trainer wired to read it must fail, not train."""
-  from components.trainer import task
+  from carvision.components.trainer import data
   files = {s: str(tmp_path / f'Split-{s}' / 'data.gz') for s in ('train', 'validation', 'test')}
-  opened = task.check_inputs([files['train']], [files['validation']])
+  opened = data.check_inputs([files['train']], [files['validation']])
   assert opened == {'train': [str(tmp_path / 'Split-train')],
                     'validation': [str(tmp_path / 'Split-validation')]}
   for train, val in (([files['train']], [files['test']]), ([files['test']], [files['validation']]),
                      ([files['train'], files['test']], [files['validation']])):
     with pytest.raises(ValueError, match='train .fit. and validation .choices. only'):
-      task.check_inputs(train, val)
+      data.check_inputs(train, val)
   with pytest.raises(ValueError, match='both splits need examples'):
-    task.check_inputs([files['train']], [])
+    data.check_inputs([files['train']], [])

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import features as F
-from components import images
-from components.trainer import model as M
-from components.trainer import task
+from carvision.components import features as F
+from carvision.components import images
+from carvision.components.trainer import model as M
+from carvision.components.trainer import data
+from carvision.components.trainer import task
+from tests.helpers import TINY
 
-FIXTURE = os.path.join(os.path.dirname(__file__), 'data', 'car_ads_tiny', 'images')
+FIXTURE = os.path.join(TINY, 'images')
 SIZE = 96
 
 
@@ -52,8 +54,8 @@ def _all(ds):
 def test_kept_photos_equal_streamed_ones_at_the_serving_size(records):
   files, photos = records
   args = dict(spec=_spec(), size=SIZE, batch=5, n_classes=3, n_makes=2, training=False)
-  streamed_x, streamed_y = _all(task.dataset(files, **args))
-  kept = task.dataset(files, **args, decoded_size=SIZE)
+  streamed_x, streamed_y = _all(data.dataset(files, **args))
+  kept = data.dataset(files, **args, decoded_size=SIZE)
   kept_x, kept_y = _all(kept)
   again_x, _ = _all(kept)  # second epoch: from the cache
   assert streamed_x.shape == (11, SIZE, SIZE, 3)  # the unknown label is not trained on
@@ -69,14 +71,14 @@ def test_kept_photos_equal_streamed_ones_at_the_serving_size(records):
 def test_training_views_at_a_lower_size_from_kept_photos(records):
   files, _ = records
   for light in (False, True):
-    ds = task.dataset(files, _spec(), 64, 4, 3, 2, training=True, repeat=True,
+    ds = data.dataset(files, _spec(), 64, 4, 3, 2, training=True, repeat=True,
                       crop_prob=0.5, decoded_size=SIZE, light=light)
     x1, _ = next(iter(ds))
     assert x1.shape == (4, 64, 64, 3) and x1.dtype == tf.uint8
   # light = the whole photo as served (or its mirror image): no crop, no colour change
-  light = task.dataset(files, _spec(), SIZE, 11, 3, 2, training=True, decoded_size=SIZE,
+  light = data.dataset(files, _spec(), SIZE, 11, 3, 2, training=True, decoded_size=SIZE,
                        light=True)
-  served, _ = _all(task.dataset(files, _spec(), SIZE, 11, 3, 2, training=False))
+  served, _ = _all(data.dataset(files, _spec(), SIZE, 11, 3, 2, training=False))
   x, y = next(iter(light))
   for img in x.numpy():
     assert any(np.array_equal(img, s) or np.array_equal(img[:, ::-1], s) for s in served)
@@ -92,23 +94,23 @@ def test_a_classifier_trained_at_one_size_serves_at_another():
     assert out[M.CLASS_OUT].shape == (2, 3)
 
 
-def test_activations_over_the_budget_go_to_disk_and_train_the_same(records, tmp_path):
+def test_activations_over_the_budget_go_to_disk_and_train_the_same(records):
   """Bounded memory: a budget smaller than the fixture spills the frozen network's
   activations to a disk memmap; the arrays, the batches and one head fit are the same."""
   import tf_keras as keras
   files, _ = records
   lower = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Conv2D(4, 3, strides=4),
                             keras.layers.GlobalAveragePooling2D()])
-  ds = task.dataset(files, _spec(), SIZE, 4, 3, 2, training=False)
-  in_memory, y1 = task.cached_features(lower, ds)
-  store = task.ActivationStore(budget_mb=0, spill_dir=str(tmp_path / 'spill'))
-  on_disk, y2 = task.cached_features(lower, ds, count=12, store=store)
+  ds = data.dataset(files, _spec(), SIZE, 4, 3, 2, training=False)
+  in_memory, y1 = data.cached_features(lower, ds)
+  store = data.ActivationStore(budget_mb=0)
+  on_disk, y2 = data.cached_features(lower, ds, count=12, store=store)
   assert store.spilled == 1 and isinstance(on_disk, np.memmap)
-  assert os.listdir(tmp_path / 'spill')
+  assert os.listdir(store.spill_dir)
   np.testing.assert_array_equal(on_disk, in_memory)
   np.testing.assert_array_equal(y1[M.CLASS_OUT], y2[M.CLASS_OUT])
-  roomy = task.ActivationStore(budget_mb=1)
-  kept, _ = task.cached_features(lower, ds, count=12, store=roomy)
+  roomy = data.ActivationStore(budget_mb=1)
+  kept, _ = data.cached_features(lower, ds, count=12, store=roomy)
   assert roomy.spilled == 0 and not isinstance(kept, np.memmap)
   n_out = {M.CLASS_OUT: 3, M.MAKE_OUT: 2}
   weights = []
@@ -117,20 +119,20 @@ def test_activations_over_the_budget_go_to_disk_and_train_the_same(records, tmp_
     keras.utils.set_random_seed(0)
     head.set_weights([np.full(w.shape, 0.01, np.float32) for w in head.get_weights()])
     task._compile(head, 0.01, 0.0)  # pylint: disable=protected-access
-    head.fit(task.ArrayBatches(x, y1, 4, n_out, shuffle=True, seed=3), epochs=2, verbose=0)
+    head.fit(data.ArrayBatches(x, y1, 4, n_out, shuffle=True, seed=3), epochs=2, verbose=0)
     weights.append(head.get_weights())
   for a, b in zip(*weights):
     np.testing.assert_allclose(a, b, atol=1e-6)
   store.cleanup()
-  assert not os.path.exists(tmp_path / 'spill')
+  assert not os.path.exists(store.spill_dir)
 
 
 def test_representative_photos_are_the_served_pixels_of_the_split_files(records):
   """The export's calibration/ranking photos: the files of a TFX pattern or directory, each
   photo decoded as served (components/images.py), in file order."""
-  from components import files as files_lib
-  from components import images
-  from components.trainer import export
+  from carvision.components import files as files_lib
+  from carvision.components import images
+  from carvision.components.trainer import export
   files, photos = records
   folder = os.path.dirname(files[0])
   assert files_lib.expand([folder]) == files_lib.expand([os.path.join(folder, '*')]) == files
@@ -164,12 +166,12 @@ def test_training_views_and_batches_do_not_depend_on_record_order(tmp_path):
   the view number and its p_hash (not of the thread or the record's position), cached rows are
   batched in an order fixed by their keys, and the export's calibration photos are chosen by
   hash: ExampleGen writing the records in another order changes none of them."""
-  from components.trainer import export
+  from carvision.components.trainer import export
   spec = dict(_spec(), **{F.P_HASH: tf.io.FixedLenFeature([], tf.string)})
   forward, backward = _named_records(tmp_path, list(range(12))), _named_records(tmp_path, list(range(11, -1, -1)))
 
   def views(files, view):
-    ds = task.dataset(files, spec, 64, 5, 3, 2, training=True, view=view, keyed=True)
+    ds = data.dataset(files, spec, 64, 5, 3, 2, training=True, view=view, keyed=True)
     out = {}
     for x, y in ds:
       out.update({int(k): img for k, img in zip(y['key'].numpy(), x.numpy())})
@@ -188,8 +190,8 @@ def test_training_views_and_batches_do_not_depend_on_record_order(tmp_path):
   y = {M.CLASS_OUT: np.arange(12) % 3, M.MAKE_OUT: np.arange(12) % 2}
   n_out = {M.CLASS_OUT: 3, M.MAKE_OUT: 2}
   perm = np.random.default_rng(1).permutation(12)
-  one = task.ArrayBatches(rows, y, 5, n_out, shuffle=True, seed=3, keys=keys)
-  two = task.ArrayBatches(rows[perm], {k: v[perm] for k, v in y.items()}, 5, n_out, shuffle=True,
+  one = data.ArrayBatches(rows, y, 5, n_out, shuffle=True, seed=3, keys=keys)
+  two = data.ArrayBatches(rows[perm], {k: v[perm] for k, v in y.items()}, 5, n_out, shuffle=True,
                           seed=3, keys=keys[perm])
   for i in range(len(one)):
     np.testing.assert_array_equal(one[i][0], two[i][0])
