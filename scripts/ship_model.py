@@ -5,7 +5,8 @@ use by default), leaving out the files too big for the repository.
 
 The model card travels unchanged except for its file list, which names what is here. A
 version pushed before the Trainer wrote seen_ads.json gets it from the run's Transform
-output (the train and validation ads: what trained and chose the model), and the card says so.
+output (the train and validation ads: what trained and chose the model), and one without
+warm_start.npz gets it from its SavedModel; the card says so.
 """
 import argparse
 import glob
@@ -17,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from components import names  # noqa: E402
+from carvision.components import names  # noqa: E402
 
 KEEP = (names.INT8, names.FAST, names.LABELS, names.MAKE_LABELS, names.SERVE, names.SEEN_ADS,
-        names.MODEL_CARD, names.REPORT_HTML, names.REPORT_PNG, names.RISK_COVERAGE_PNG)
+        names.WARM_START, names.MODEL_CARD, names.REPORT_HTML, names.REPORT_PNG, names.RISK_COVERAGE_PNG)
 LEFT_OUT = (names.FP16, names.PUSHED_SAVED_MODEL)
 
 
@@ -49,7 +50,7 @@ def main():
   if not os.path.exists(os.path.join(staging, names.SEEN_ADS)):
     if not args.root:
       sys.exit(f'{args.version} has no {names.SEEN_ADS}: pass --root (the run\'s pipeline root)')
-    from components.trainer import export  # pylint: disable=g-import-not-at-top
+    from carvision.components.trainer import export  # pylint: disable=g-import-not-at-top
     transformed = sorted(glob.glob(os.path.join(args.root, 'Transform', 'transformed_examples', '*')),
                          key=lambda d: int(os.path.basename(d)))[-1]
     seen = {split: export.ad_ids([os.path.join(transformed, f'Split-{split}', '*')])
@@ -59,6 +60,14 @@ def main():
     card['seen_ads_added'] = {'from': transformed, 'why': 'the pipeline of this run did not yet '
                               'write seen_ads.json; these are the ads of the Transform output '
                               'the Trainer read (train) and chose on (validation)'}
+  if not os.path.exists(os.path.join(staging, names.WARM_START)):
+    # A version pushed before the Trainer wrote the weights file: from its SavedModel.
+    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    from carvision.components.trainer import warm_start  # pylint: disable=g-import-not-at-top
+    full = keras.models.load_model(os.path.join(args.version, names.PUSHED_SAVED_MODEL), compile=False)
+    warm_start.save_weights(full, os.path.join(staging, names.WARM_START))
+    card['warm_start_added'] = {'from': names.PUSHED_SAVED_MODEL, 'why': 'the pipeline of this '
+                                'run did not yet write the weights file; the same weights in float16'}
   files = {}
   for name in sorted(os.listdir(staging)):
     if name not in (names.MODEL_CARD, 'README.md'):

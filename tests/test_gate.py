@@ -1,7 +1,7 @@
 """The int8 gate's pure verdict (judge) and its input checks, on hand-made records."""
 import pytest
 
-from components.tflite_evaluator import executor
+from carvision.components.tflite_evaluator import executor
 
 LABELS = ['A|a|1', 'A|b|1', 'B|c|1', 'B|d|1', 'C|e|1', 'C|f|1']
 GATE = {'top1_min': 0.8, 'top5_min': 0.95, 'max_regression': 0.01, 'max_int8_drop': 0.01}
@@ -52,6 +52,20 @@ def test_the_per_make_floor_is_optional_and_names_the_worst_make():
   out = executor.judge(_records(34), LABELS, gate, False)
   assert not out['checks']['min_make_top1']['pass'] and 'worst make A' in out['checks']['min_make_top1']['detail']
   assert 'min_make_top1' not in executor.judge(_records(34), LABELS, GATE, False)['checks']
+
+
+def test_a_model_that_saw_a_test_ad_is_not_blessed():
+  """seen_ads.json (a warm start's inherited ads included) against the judged split's ads."""
+  clean = executor.judge(_records(36), LABELS, GATE, False, seen={'train': {100, 101}, 'validation': {102}})
+  assert clean['checks'][executor.SEEN_TEST_ADS] == {
+      'value': 0, 'threshold': 0, 'pass': True, 'detail': "none of the 20 test ads in its seen_ads.json"}
+  assert clean['blessed']
+  dirty = executor.judge(_records(36), LABELS, GATE, False, seen={'train': {100, 7}, 'validation': {3}})
+  check = dirty['checks'][executor.SEEN_TEST_ADS]
+  assert check['value'] == 2 and not check['pass'] and not dirty['blessed']
+  assert check['detail'].startswith('2 of 20 test ads') and 'e.g. ad 3' in check['detail']
+  # a model that does not say what it saw: no such check (older models)
+  assert executor.SEEN_TEST_ADS not in executor.judge(_records(36), LABELS, GATE, False)['checks']
 
 
 def test_inputs_are_checked_before_any_work(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-from pipeline import config as config_lib
-from pipeline import run
-from pipeline import summary as summary_lib
+from carvision.pipeline import config as config_lib
+from carvision.pipeline import run
+from carvision.pipeline import summary as summary_lib
 from tests.ingest_helpers import expected_from_labels
 
 
@@ -17,7 +17,7 @@ from tests.ingest_helpers import expected_from_labels
 # mechanics (gates, pushes, warm starts, files), not the demo model's accuracy, at about a
 # sixth of the demo network's compute (Lite2 at 260 px). Training is deterministic, so the
 # relative checks below (a worse model, a warm start within 5 points) pass or fail every time.
-SMALL = {'model.backbone': 'efficientnet_lite0', 'model.image_size': 128}
+SMALL = {'model.backbone': 'efficientnet_lite0', 'model.image_size': 128, 'model.warm_start': 'none'}
 
 
 def _config(tmp, image_host_template, dsn, **over):
@@ -31,7 +31,7 @@ def _config(tmp, image_host_template, dsn, **over):
 
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory, tiny_dsn):
-  from pipeline import services
+  from carvision.pipeline import services
   from tests.helpers import TINY
   tmp = tmp_path_factory.mktemp('e2e')
   host = services.ImageHost(os.path.join(TINY, 'images'))
@@ -167,7 +167,7 @@ QUICK_EXPORT = {'model.fast_file': False, 'model.tflite_float_layers': 0,
 
 def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_dsn):
   """Cache on: only the resolver, the gates and the Pusher run again."""
-  from components.trainer import tflite_metadata
+  from carvision.components.trainer import tflite_metadata
   cfg, s = _rerun(first_run, tiny_dsn, 'push_easy', **EASY)
   assert s['blessed'] and s['pushed']
   push_dir = cfg.path(cfg.push.dir)
@@ -257,7 +257,7 @@ def test_serving_signature_equals_keras_model(first_run):
   the configured test-time views (and != the plain single view: the views are really inside)."""
   import tensorflow as tf
   import tf_keras as keras
-  from components import images
+  from carvision.components import images
   from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
@@ -265,7 +265,7 @@ def test_serving_signature_equals_keras_model(first_run):
   serve = tf.saved_model.load(model_dir).signatures['serving_default']
   photo = open(sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))[0], 'rb').read()
   pixels = images.decode_tf(photo, cfg.model.image_size)[None]
-  from components.trainer import model as M
+  from carvision.components.trainer import model as M
   keras_probs = M.predict_views(model, pixels, cfg.model.serving_views)['class'].numpy()
   serving_probs = serve(images=tf.constant([photo]))['probabilities'].numpy()
   np.testing.assert_allclose(serving_probs, keras_probs, atol=1e-5)
@@ -274,14 +274,14 @@ def test_serving_signature_equals_keras_model(first_run):
 
 
 def test_predict_tflite_and_savedmodel_agree(first_run):
-  from components import serving
+  from carvision.components import serving
   from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
   lite = serving.load(model_dir, 'tflite')
   saved = serving.load(model_dir, 'savedmodel')
   assert lite.labels == saved.labels
-  from components.example_gen import records
+  from carvision.components.example_gen import records
   jpegs = [open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(TINY, 'images', '*.jpg')))]
   jpegs = [j for j in jpegs if records.validate_image(j, 40_000_000)[0] is None][:60]
   a, b = lite.predict_jpegs(jpegs), saved.predict_jpegs(jpegs)
@@ -293,7 +293,7 @@ def test_predict_tflite_and_savedmodel_agree(first_run):
 
 def test_cli_predict_and_evaluate(first_run, capsys):
   import json
-  from pipeline import cli
+  from carvision.pipeline import cli
   from tests.helpers import TINY
   tmp, cfg, _, _ = first_run
   model_dir = os.path.join(_one(cfg.path(cfg.pipeline.root), 'Trainer', 'model'), 'Format-Serving')
@@ -315,7 +315,7 @@ def test_cli_predict_and_evaluate(first_run, capsys):
   # every decodable car photo of the test-split ads in labels.csv (ground truth, also for
   # ads whose database labels are broken), nothing from training ads
   import csv
-  from components.example_gen import records
+  from carvision.components.example_gen import records
   rows = list(csv.DictReader(open(os.path.join(TINY, 'labels.csv'))))
   expected = sum(1 for r in rows if r['is_car'] == 'true' and r['file_ok'] == 'true'
                  and records.split_for(int(r['ad_id']), cfg.ingest.splits) == 'test')
@@ -331,7 +331,7 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
   import json
   from ai_edge_litert.interpreter import Interpreter
   from tfx import v1 as tfx
-  from components.trainer import task
+  from carvision.components.trainer import task
   _, cfg, _, _ = first_run
   root = cfg.path(cfg.pipeline.root)
   examples = _one(root, 'Transform', 'transformed_examples')
@@ -380,7 +380,7 @@ def _new_span_with_a_new_class(tmp, splits):
   one class sold under a new submodel name (the catalogue renamed it): the vocabulary gains
   that name and loses the old one."""
   import csv
-  from components.example_gen import records
+  from carvision.components.example_gen import records
   from tests.helpers import TINY
   rows = list(csv.DictReader(open(os.path.join(TINY, 'cars.csv'))))
   key = lambda r: (r['make'], r['model'], r['submodel'])  # noqa: E731
@@ -478,7 +478,7 @@ def test_a_run_killed_mid_trainer_resumes_where_it_stopped(tiny_dsn, image_host,
     section, key = k.split('.')
     settings[section][key] = v
   (tmp_path / 'resume.yaml').write_text(yaml.safe_dump(settings))
-  cmd = [sys.executable, '-m', 'pipeline.cli', 'run', '--config', str(tmp_path / 'resume.yaml')]
+  cmd = [sys.executable, '-m', 'carvision.pipeline.cli', 'run', '--config', str(tmp_path / 'resume.yaml')]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
   deadline = time.time() + 900

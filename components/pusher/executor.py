@@ -17,9 +17,9 @@ from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
-from components import serving
-from components import names
-from components.features import SPLIT_ROLES
+from carvision.components import serving
+from carvision.components import names
+from carvision.components.features import SPLIT_ROLES
 
 CARD = names.MODEL_CARD
 
@@ -157,8 +157,9 @@ class Executor(base_executor.BaseExecutor):
     files = {}
     fast = judged['metrics'].get('fast') or {}
     for name in (names.INT8, names.FP16, names.LABELS, names.MAKE_LABELS, names.SERVE, names.FAST,
-                 names.SEEN_ADS):
-      if name in (names.MAKE_LABELS, names.SERVE, names.SEEN_ADS) and not tf.io.gfile.exists(
+                 names.SEEN_ADS, names.WARM_START):
+      if name in (names.MAKE_LABELS, names.SERVE, names.SEEN_ADS,
+                  names.WARM_START) and not tf.io.gfile.exists(
           os.path.join(tdir, name)):
         continue  # a model exported before these were written
       if name == names.FAST and not fast.get('passes_floors'):

@@ -19,11 +19,11 @@ from tfx import types
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
-from components import features as F
-from components import names
-from components import report
-from components import scoring
-from components import serving
+from carvision.components import features as F
+from carvision.components import names
+from carvision.components import report
+from carvision.components import scoring
+from carvision.components import serving
 
 BLESSED_FILE, NOT_BLESSED_FILE = 'BLESSED', 'NOT_BLESSED'
 METRICS_FILE = names.METRICS_JSON
@@ -70,10 +70,15 @@ class _Predict(beam.DoFn):
       yield rec
 
 
+SEEN_TEST_ADS = 'seen_test_ads'  # a check: test ads the model trained on or was chosen on
+
+
 def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
-          has_baseline: bool, answers: Optional[Dict] = None) -> Dict[str, Any]:
+          has_baseline: bool, answers: Optional[Dict] = None,
+          seen: Optional[Dict[str, set]] = None) -> Dict[str, Any]:
   """Metrics of the int8 model, float parity, baseline comparison, the optional per-make
-  floor -> checks and verdict. `answers`: the model's decision thresholds (serve.json)."""
+  floor -> checks and verdict. `answers`: the model's decision thresholds (serve.json);
+  `seen`: its seen_ads.json (a warm start's inherited ads included): a test ad in it fails."""
   truth = [r['class'] for r in records]
   probs = np.array([r['int8'] for r in records], np.float32).reshape(len(records), len(labels))
   m = scoring.score(probs, labels, truth, groups=[r['ad_id'] for r in records], answers=answers)
@@ -110,6 +115,16 @@ def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
         'value': change, 'threshold': -gate['max_regression'],
         'pass': change >= -gate['max_regression'] - 1e-9,
         'detail': f"blessed {base_top1:.4f} -> candidate {m['top1_accuracy']:.4f}"}
+  if seen is not None:
+    seen_ids = set().union(*seen.values()) if seen else set()
+    test_ads = {r['ad_id'] for r in records}
+    hit = sorted(test_ads & seen_ids)
+    checks[SEEN_TEST_ADS] = {
+        'value': len(hit), 'threshold': 0, 'pass': not hit,
+        'detail': (f'{len(hit)} of {len(test_ads)} test ads trained or chose this model or '
+                   f'the model it was warm-started from (e.g. ad {hit[0]}): the figures would '
+                   'not be on unseen photos' if hit else
+                   f'none of the {len(test_ads)} test ads in its seen_ads.json')}
   return {'metrics': m, 'checks': checks, 'blessed': all(c['pass'] for c in checks.values())}
 
 
@@ -165,7 +180,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     tf.io.gfile.remove(os.path.join(out_uri, '_records.json'))
     labels = serving.read_labels(os.path.join(candidate, names.TFLITE_DIR, names.LABELS))
     answers = scoring.thresholds(None, serving.read_serve(os.path.join(candidate, names.TFLITE_DIR)))
-    result = judge(records, labels, gate, baseline is not None, answers)
+    seen = serving.seen_ads_of(os.path.join(candidate, names.TFLITE_DIR))
+    result = judge(records, labels, gate, baseline is not None, answers, seen)
     result.update(split=split, model=candidate, baseline=baseline, gate=gate)
     with tf.io.gfile.GFile(os.path.join(out_uri, METRICS_FILE), 'w') as f:
       json.dump(result, f, indent=1)

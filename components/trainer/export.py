@@ -11,19 +11,24 @@ the graph, so the SavedModel, the TFLite files and the gates all judge the same 
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import heapq
+import io
 import json
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from components import features as F
-from components import files as files_lib
-from components import images
-from components import names
-from components.trainer import model as M
+from carvision.components import features as F
+from carvision.components import files as files_lib
+from carvision.components import images
+from carvision.components import names
+from carvision.components.trainer import model as M
+from carvision.components.trainer import tflite_metadata
 
 TOP_K = 5
 
@@ -43,18 +48,24 @@ def ad_ids(patterns: List[str]) -> List[int]:
   return sorted(out)
 
 
-def write_seen_ads(tdir: str, train_patterns: List[str], validation_patterns: List[str]) -> None:
+def write_seen_ads(tdir: str, train_patterns: List[str], validation_patterns: List[str],
+                   inherited: Optional[Dict[str, set]] = None) -> None:
   """seen_ads.json: the ads that trained the model and the ads that chose it, so `evaluate`,
-  `audit` and a warm start can keep every figure on ads the model has not seen."""
+  `audit` and a warm start can keep every figure on ads the model has not seen. A warm start
+  `inherited` what its source had seen: those ads are in the lists too."""
+  seen = {'train': set(ad_ids(train_patterns)), 'validation': set(ad_ids(validation_patterns))}
+  for split, ads in (inherited or {}).items():
+    seen.setdefault(split, set()).update(ads)
   with tf.io.gfile.GFile(os.path.join(tdir, names.SEEN_ADS), 'w') as f:
-    json.dump({'train': ad_ids(train_patterns), 'validation': ad_ids(validation_patterns)}, f)
+    json.dump({k: sorted(v) for k, v in seen.items()}, f)
 
 
 def _decode_batch(jpegs: tf.Tensor, size: int) -> tf.Tensor:
   return tf.map_fn(lambda j: images.decode_tf(j, size), jpegs, fn_output_signature=tf.uint8)
 
 
-def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
+def export_all(full, tft_out, fn_args, cfg, history: Dict,
+               inherited_seen: Optional[Dict[str, set]] = None) -> None:
   """The SavedModel signatures, the TFLite files, labels, serve.json and training.json;
   `cfg`: the Trainer's typed config (components.trainer.config.TrainerConfig)."""
   mc = cfg.model
@@ -106,7 +117,7 @@ def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
   if history.get('serve'):  # the decision's thresholds travel with the model
     with tf.io.gfile.GFile(os.path.join(tdir, names.SERVE), 'w') as f:
       json.dump(history['serve'], f, indent=1)
-  write_seen_ads(tdir, fn_args.train_files, fn_args.eval_files)
+  write_seen_ads(tdir, fn_args.train_files, fn_args.eval_files, inherited_seen)
   spec = tft_out.transformed_feature_spec()
   # Quantisation ranges are fitted on train photos; which layers stay float is a choice,
   # so it is ranked on validation photos (never on the test split that the gates judge).
@@ -126,7 +137,6 @@ def export_all(full, tft_out, fn_args, cfg, history: Dict) -> None:
                                    'int8_float_layers': kept_float,
                                    'fast_file': {'views': ['full'],
                                                  'int8_float_layers': kept_fast} if fast else None})
-  from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   version = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   described = {}
   for kind, blob in blobs.items():
@@ -154,8 +164,6 @@ def representative_pixels(patterns: List[str], spec: Dict, size: int, n: int) ->
   files = files_lib.expand(patterns)
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
   if F.P_HASH in spec:
-    import hashlib  # pylint: disable=g-import-not-at-top
-    import heapq  # pylint: disable=g-import-not-at-top
     name = {F.P_HASH: spec[F.P_HASH]}
     named = ds.map(lambda s: (tf.reshape(tf.io.parse_single_example(s, name)[F.P_HASH], [-1])[0], s),
                    num_parallel_calls=tf.data.AUTOTUNE)
@@ -178,8 +186,6 @@ DEBUG_SAMPLES = 64  # validation photos that rank the layers kept float
 def quantisation_errors(debugger) -> List[Dict]:
   """Per quantised layer: RMSE between its int8 and float outputs in units of its int8 scale
   (QuantizationDebugger's layer statistics), largest first."""
-  import csv  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.StringIO()
   debugger.layer_statistics_dump(buf)
   buf.seek(0)
@@ -250,7 +256,6 @@ def to_tflite(full, size: int, rep: np.ndarray, views=('full',), float_layers: i
                                        inference_input_type=tf.uint8,
                                        inference_output_type=tf.float32)
 
-  from components.trainer import tflite_metadata  # pylint: disable=g-import-not-at-top
   heads_out = full.get_layer('heads').output
   n_classes, n_makes = int(heads_out[M.CLASS_OUT].shape[-1]), int(heads_out[M.MAKE_OUT].shape[-1])
   half = None
