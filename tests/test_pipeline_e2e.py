@@ -135,7 +135,8 @@ def test_evaluation_and_blessing_agree_with_push(first_run):
   for m in summary['metrics'].values():
     assert 0.0 <= m['value'] <= 1.0
   gate = summary['int8_gate']
-  assert set(gate) == {'top1_accuracy', 'top5_accuracy', 'int8_vs_float_top1_drop'}
+  assert set(gate) == {'top1_accuracy', 'top5_accuracy', 'int8_vs_float_top1_drop', 'seen_test_ads'}
+  assert gate['seen_test_ads']['value'] == 0 and gate['seen_test_ads']['pass']  # never saw a test ad
   # 10 classes: chance is 0.10; the shipped int8 model must be far above it
   assert gate['top1_accuracy']['value'] >= 0.5, gate
   assert summary['int8_metrics']['examples'] == summary['examples']['test']
@@ -436,6 +437,12 @@ def test_new_span_with_a_new_class_warm_starts_from_the_blessed_model(first_run,
   assert list(card['training']['stages']) and 'head' in card['training']['stages']
   stages = card['training']['stages']
   assert stages['activations_on_disk'] is True and stages['decoded_photos_in_memory'] is False
+  # what the blessed model saw, the warm-started one has seen too (and the gate checked it)
+  before = json.load(open(os.path.join(prev, 'Format-Serving', 'tflite', 'seen_ads.json')))
+  after = json.load(open(os.path.join(pushed[0], 'seen_ads.json')))
+  assert set(before['train']) <= set(after['train'])
+  assert set(before['validation']) <= set(after['validation'])
+  assert s['int8_gate']['seen_test_ads']['pass']
 
 
 # What a run printed on 2026-12-01 before it was quiet by default (issue #25).
