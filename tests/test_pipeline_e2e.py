@@ -205,6 +205,12 @@ def test_blessed_model_is_pushed_whole_with_card_and_metadata(first_run, tiny_ds
   assert card['thresholds']['top1_min'] == 0.0 and card['config']['model']['backbone']
   assert card['data']['ingestion']['rows'] == s['rows'] and len(card['data']['examples_fingerprint']) == 64
   assert card['files']['model.tflite']['bytes'] == os.path.getsize(os.path.join(v, 'model.tflite'))
+  # the weights a later run continues from: the backbone and both heads, in float16
+  import numpy as np
+  with np.load(os.path.join(v, 'warm_start.npz')) as w:
+    assert card['files']['warm_start.npz']['bytes'] == os.path.getsize(os.path.join(v, 'warm_start.npz'))
+    assert w['class/kernel'].dtype == np.float16 and w['class/kernel'].shape[-1] == card['contract']['labels']
+    assert any(k.startswith('backbone/') for k in w.files)
   assert card['code_version'] and card['timestamps']['pushed']
   assert 0 < card['wall_seconds'] < 3600  # launcher start (ingestion included) to push
   # what the shipped file does inside: the configured views, the layers kept float
