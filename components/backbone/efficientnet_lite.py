@@ -235,3 +235,11 @@ def pretrained(variant: str, input_shape=(None, None, 3), include_top: bool = Fa
     return full
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
   return keras.Model(full.input, full.get_layer('avg_pool').output, name=variant)
+
+
+def imagenet_head(variant: str) -> Tuple[np.ndarray, np.ndarray]:
+  """The 1000-class ImageNet classifier of the converted weights: (kernel [1280', 1000], bias).
+  Kept for Co-Tuning (a second target on the pretrained head) although the backbone drops it."""
+  from carvision.components.backbone import torch_pickle  # pylint: disable=g-import-not-at-top
+  sd = torch_pickle.load(pytorch_weights_path(variant))
+  return sd['_fc.weight'].T.astype(np.float32), sd['_fc.bias'].astype(np.float32)

@@ -111,6 +111,10 @@ class ModelConfig:
   # pipeline's int8 gate blessed, TFX base_model; ImageNet on the first run) or a path to a
   # Trainer output / pushed version. Same backbone; labels are mapped (new classes start silent: a zero row, the lowest bias).
   warm_start: Annotated[Optional[str], check(lambda v: check_warm_start(v))] = 'none'
+  # Co-Tuning: the weight of a second loss on the ImageNet head the converted weights carry,
+  # trained towards p(ImageNet class | car class) in end-to-end stages (0: off). From
+  # ImageNet weights only: a warm start does not use it.
+  co_tuning: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 
@@ -118,6 +122,10 @@ class ModelConfig:
   def _end_to_end_only(self):
     """image_size / augment change how photos reach the whole network: refused (not ignored)
     on stages that train on cached activations, and other sizes need an any-size backbone."""
+    if self.co_tuning and (self.backbone not in efficientnet_lite.WEIGHT_PACKAGES
+                           or self.weights != 'imagenet'):
+      raise ValueError(f'model.co_tuning needs the ImageNet head of converted weights: '
+                       f'weights imagenet and one of {sorted(efficientnet_lite.WEIGHT_PACKAGES)}')
     for key in ('stages', 'warm_start_stages'):
       for i, st in enumerate(getattr(self, key)):
         cached = st.kind != END_TO_END

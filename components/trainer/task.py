@@ -8,6 +8,7 @@ the validation split (TFX `eval_args`); the test split never reaches the Trainer
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from typing import Dict, List, Optional
@@ -23,6 +24,7 @@ from carvision.components import files as files_lib
 from carvision.components import names
 from carvision.components.progress import duration, say
 from carvision.components.trainer import calibrate as K
+from carvision.components.trainer import co_tuning as CT
 from carvision.components.trainer import config as C
 from carvision.components.trainer import data as D
 from carvision.components.trainer import distribute
@@ -67,12 +69,17 @@ class _History:  # pylint: disable=too-few-public-methods
     self.history = history
 
 
-def _compile(m: keras.Model, schedule, smoothing: float):
+def _compile(m: keras.Model, schedule, smoothing: float, co_tuning=None):
+  """co_tuning: (relationship, weight) for a model with the kept ImageNet head (co_tuning.py)."""
+  loss = {M.CLASS_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
+          M.MAKE_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)}
+  weights = {M.CLASS_OUT: 1.0, M.MAKE_OUT: 0.3}
+  if co_tuning is not None:
+    loss[CT.IMAGENET_OUT], weights[CT.IMAGENET_OUT] = CT.loss(co_tuning[0]), co_tuning[1]
   m.compile(
       optimizer=keras.optimizers.Adam(schedule),
-      loss={M.CLASS_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
-            M.MAKE_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)},
-      loss_weights={M.CLASS_OUT: 1.0, M.MAKE_OUT: 0.3},
+      loss=loss,
+      loss_weights=weights,
       metrics={M.CLASS_OUT: [keras.metrics.CategoricalAccuracy(name='top1'),
                              keras.metrics.TopKCategoricalAccuracy(5, name='top5')],
                M.MAKE_OUT: [keras.metrics.CategoricalAccuracy(name='top1')]})
@@ -135,6 +142,7 @@ class Training:
         custom.get('config', ''), [*self.train_files, *self.eval_files, fn_args.transform_output,
                                    self.source or '']), self.mc.checkpoint_every_s)
     self.done, self.resumed, self.seconds_before, self.attempt = 0, None, 0.0, 1
+    self.relationship = None  # Co-Tuning's p(ImageNet class | car class), once computed
 
   # --- data ---------------------------------------------------------------------------
 
@@ -281,6 +289,37 @@ class Training:
     M.el.copy_weights(self.upper, self.base)
     return h
 
+  def _co_tuning(self):
+    """(relationship, weight) when model.co_tuning is on for this run, else None: from
+    ImageNet weights only (a warm start's backbone no longer matches the ImageNet head).
+    Computed once from the frozen network's pooled train activations, kept under the
+    resume directory so that a resumed run trains towards the same target."""
+    mc = self.mc
+    if not mc.co_tuning or self.source:
+      return None
+    if self.relationship is None:
+      path = os.path.join(self.ckpt.dir, 'co_tuning_relationship.npy') if self.ckpt.dir else None
+      if path and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, 'rb') as f:
+          self.relationship = np.load(io.BytesIO(f.read()))
+      else:
+        if self.cache is None:
+          self.cache = self._build_cache()
+        xtr, ytr, _, _ = self._pooled()
+        kernel, bias = M.el.imagenet_head(mc.backbone)
+        self.relationship = CT.relationship(xtr, ytr[M.CLASS_OUT], kernel, bias, self.n_classes)
+        if path:
+          buf = io.BytesIO()
+          np.save(buf, self.relationship)
+          tf.io.gfile.makedirs(self.ckpt.dir)
+          with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
+            f.write(buf.getvalue())
+          tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+      self.history['co_tuning'] = {'weight': mc.co_tuning,
+                                   'target_entropy': float(np.mean(-np.sum(
+                                       self.relationship * np.log(self.relationship + 1e-12), -1)))}
+    return self.relationship, mc.co_tuning
+
   def fit_end_to_end(self, stage, index: int = 0):
     """Photos through the network, the chosen blocks trainable, at the stage's size
     (FixRes: a lower training size) with standard or light augmentation; checkpointed after
@@ -291,22 +330,29 @@ class Training:
       raise ValueError(f'stage {stage.name}: image_size {at} needs a backbone of any input '
                        f'size (EfficientNet-Lite); {self.mc.backbone} is built at {self.size}')
     per_epoch = max(1, self.n_train // self.batch)
-    _compile(self.full, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
-             self.mc.label_smoothing)
+    co = self._co_tuning()
+    # With Co-Tuning the stage trains `full` inside a model that also has the ImageNet head
+    # (fresh from the converted weights each stage: a resumed run trains the same model).
+    net = CT.training_model(self.full, CT.head_layer(*M.el.imagenet_head(self.mc.backbone))) \
+        if co else self.full
+    _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
+             self.mc.label_smoothing, co)
     mid = self._mid_stage(index)
     stop = self._stop(stage, mid)
     saver = resume.EpochCheckpoint(self.ckpt, self.state, index, stage.epochs, stop,
                                    mid['history'] if mid else None)
     if mid and (mid['stopped'] or mid['epoch'] >= stage.epochs):
       if stop._restored_weights is not None:  # pylint: disable=protected-access
-        self.full.set_weights(stop._restored_weights)  # what on_train_end would have done
+        net.set_weights(stop._restored_weights)  # what on_train_end would have done
       return _History(dict(saver.history, image_size=at))
     if mid:
-      self.full.optimizer.build(self.full.trainable_variables)
-      resume.Checkpoints.restore(mid['path'], self.full, self.full.optimizer)
+      net.optimizer.build(net.trainable_variables)
+      resume.Checkpoints.restore(mid['path'], net, net.optimizer)
     train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
                       light=stage.augment == 'light')
-    self.full.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
+    if co:
+      train = CT.with_target(train)
+    net.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
                   initial_epoch=mid['epoch'] if mid else 0, validation_data=self.validation,
                   callbacks=[stop, saver, self.tb,
                              Progress(stage.name, stage.epochs, mid['epoch'] if mid else 0)],
