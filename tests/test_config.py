@@ -30,6 +30,7 @@ from carvision.pipeline import config
       'model.stages': [{'name': 'b', 'trainable': 'all', 'image_size': 200}]},
      'only EfficientNet-Lite backbones take any size'),
     ({'model.distribute': 'horovod'}, "model.distribute='horovod': one of auto"),
+    ({'model.co_tuning': -1}, 'model.co_tuning=-1: Input should be greater than or equal to 0'),
 ])
 def test_bad_values_are_named_before_any_work(override, message):
   with pytest.raises(config.ConfigError) as e:

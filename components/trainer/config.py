@@ -112,20 +112,25 @@ class ModelConfig:
   # Trainer output / pushed version. Same backbone; labels are mapped (new classes start silent: a zero row, the lowest bias).
   warm_start: Annotated[Optional[str], check(lambda v: check_warm_start(v))] = 'none'
   # Co-Tuning: the weight of a second loss on the ImageNet head the converted weights carry,
-  # trained towards p(ImageNet class | car class) in end-to-end stages (0: off). From
-  # ImageNet weights only: a warm start does not use it.
+  # trained towards p(ImageNet class | car class) in end-to-end stages (0: off). Only where
+  # that head exists (weights imagenet, Lite0/1/2) and not on a warm start; otherwise the
+  # Trainer says it is off and why (training.json).
   co_tuning: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
+
+  def co_tuning_off(self) -> Optional[str]:
+    """Why Co-Tuning does not apply to this model (None: it does, or it is off)."""
+    if self.co_tuning and self.weights != 'imagenet':
+      return 'needs the ImageNet head: model.weights is not imagenet'
+    if self.co_tuning and self.backbone not in efficientnet_lite.WEIGHT_PACKAGES:
+      return f'no converted ImageNet head for {self.backbone}'
+    return None
 
   @pydantic.model_validator(mode='after')
   def _end_to_end_only(self):
     """image_size / augment change how photos reach the whole network: refused (not ignored)
     on stages that train on cached activations, and other sizes need an any-size backbone."""
-    if self.co_tuning and (self.backbone not in efficientnet_lite.WEIGHT_PACKAGES
-                           or self.weights != 'imagenet'):
-      raise ValueError(f'model.co_tuning needs the ImageNet head of converted weights: '
-                       f'weights imagenet and one of {sorted(efficientnet_lite.WEIGHT_PACKAGES)}')
     for key in ('stages', 'warm_start_stages'):
       for i, st in enumerate(getattr(self, key)):
         cached = st.kind != END_TO_END

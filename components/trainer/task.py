@@ -297,6 +297,12 @@ class Training:
     mc = self.mc
     if not mc.co_tuning or self.source:
       return None
+    off = mc.co_tuning_off()
+    if off:
+      if 'co_tuning' not in self.history:
+        say(f'Trainer: Co-Tuning off: {off}')
+        self.history['co_tuning'] = {'off': off}
+      return None
     if self.relationship is None:
       path = os.path.join(self.ckpt.dir, 'co_tuning_relationship.npy') if self.ckpt.dir else None
       if path and tf.io.gfile.exists(path):
