@@ -14,6 +14,7 @@ from carvision.components import features as F
 from carvision.components import images
 from carvision.components import names
 from carvision.components import scoring
+from carvision.components import serving
 from carvision.components.errors import UserError
 
 COLUMNS = (F.AD_ID, F.P_HASH)  # and either `class` or make, model, submodel
@@ -61,7 +62,7 @@ def unseen(rows: Sequence[Dict[str, str]], seen: Optional[Dict[str, set]]
   out): `seen` is the model's seen_ads.json (None: the model does not say, nothing left out)."""
   if not seen:
     return list(rows), 0
-  ads = set().union(*seen.values())
+  ads = serving.all_seen(seen)
   kept = [r for r in rows if int(r[F.AD_ID]) not in ads]
   return kept, len(rows) - len(kept)
 

@@ -161,6 +161,11 @@ def seen_ads_of(model_path: str) -> Optional[Dict[str, set]]:
   return None
 
 
+def all_seen(seen: Optional[Dict[str, set]]) -> set:
+  """Every ad id of a seen_ads mapping (train, validation, inherited), empty for None."""
+  return set().union(*seen.values()) if seen else set()
+
+
 def serve_of(model_path: str) -> Optional[Dict]:
   """serve.json of the model at `model_path` (a .tflite, a pushed version, a Trainer model
   or its saved_model/), or None."""

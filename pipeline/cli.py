@@ -89,8 +89,7 @@ def unseen_photos(model_dir: str, data_dir: str, n: int = 2) -> List[Dict]:
   not train on nor was chosen on (its seen_ads.json, ancestors' ads included), with the
   listed label: the sample's test split."""
   from carvision.components import serving  # pylint: disable=g-import-not-at-top
-  seen = serving.seen_ads_of(model_dir) or {}
-  seen_ids = set().union(*seen.values()) if seen else set()
+  seen_ids = serving.all_seen(serving.seen_ads_of(model_dir))
   truth_path = os.path.join(data_dir, 'labels.csv')
   good = None
   if os.path.exists(truth_path):  # the car_ads format's ground truth: skip its noise rows

@@ -457,3 +457,36 @@ def test_ingest_stopped_at_several_moments_then_run_again(tmp_path):
     assert (out / 'examples' / 'Split-train').is_dir()
   finally:
     host.stop()
+
+
+def test_the_demo_answers_readable_photos_of_ads_the_model_never_saw(tmp_path):
+  """The demo's two answers: photos of ads outside the model's seen_ads.json (inherited ads
+  too), skipping photos the data's labels.csv marks as no car or unreadable, missing files,
+  and rows without a numeric ad id; one photo per ad."""
+  from carvision.pipeline import cli
+  data = tmp_path / 'data'
+  (data / 'images').mkdir(parents=True)
+  for h in ('a1', 'b1', 'b2', 'c1', 'd1', 'e1', 'e2'):
+    (data / 'images' / f'{h}.jpg').write_bytes(b'jpeg')
+  rows = [('x', 'a1'), ('1', 'a1'), ('2', 'b1,b2'), ('3', 'c1,zz'), ('4', 'gone'),
+          ('5', 'd1'), ('6', 'e1,e2')]
+  with open(data / 'cars.csv', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['ad_id', 'make', 'model', 'submodel', 'hashish'])
+    for ad, hashes in rows:
+      w.writerow([ad, 'Audi', f'A{ad}', '2012', hashes])
+  bad = {'b1': ('false', 'true'), 'd1': ('true', 'false')}  # no car; unreadable
+  with open(data / 'labels.csv', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['ad_id', 'p_hash', 'is_car', 'file_ok'])
+    for h in ('a1', 'b1', 'b2', 'c1', 'd1', 'e1', 'e2'):
+      w.writerow([0, h, *bad.get(h, ('true', 'true'))])
+  model = tmp_path / 'model'
+  model.mkdir()
+  (model / 'seen_ads.json').write_text(json.dumps({'train': [1], 'validation': [], 'inherited': [3]}))
+  got = cli.unseen_photos(str(model), str(data), n=5)
+  assert [(p['ad_id'], os.path.basename(p['path'])) for p in got] == [(2, 'b2.jpg'), (6, 'e1.jpg')]
+  assert got[0]['listed'] == 'Audi | A2 | 2012'
+  assert [p['ad_id'] for p in cli.unseen_photos(str(model), str(data), n=1)] == [2]
+  (model / 'seen_ads.json').unlink()  # a model that does not say: every readable ad counts
+  assert [p['ad_id'] for p in cli.unseen_photos(str(model), str(data), n=3)] == [1, 2, 3]

@@ -116,7 +116,7 @@ def judge(records: List[Dict], labels: List[str], gate: Dict[str, Any],
         'pass': change >= -gate['max_regression'] - 1e-9,
         'detail': f"blessed {base_top1:.4f} -> candidate {m['top1_accuracy']:.4f}"}
   if seen is not None:
-    seen_ids = set().union(*seen.values()) if seen else set()
+    seen_ids = serving.all_seen(seen)
     test_ads = {r['ad_id'] for r in records}
     hit = sorted(test_ads & seen_ids)
     checks[SEEN_TEST_ADS] = {
