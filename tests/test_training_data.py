@@ -200,3 +200,26 @@ def test_training_views_and_batches_do_not_depend_on_record_order(tmp_path):
   folders = [[os.path.dirname(f[0])] for f in (forward, backward)]
   np.testing.assert_array_equal(export.representative_pixels(folders[0], spec, 32, 4),
                                 export.representative_pixels(folders[1], spec, 32, 4))
+
+
+def test_photos_of_doubted_ads_are_left_out_of_every_kind_of_stage(tmp_path):
+  """drop_label_issues' exclusion: end-to-end batches skip the excluded photo keys (streamed
+  and kept photos alike), and cached rows of those photos are not batched."""
+  spec = dict(_spec(), **{F.P_HASH: tf.io.FixedLenFeature([], tf.string)})
+  files = _named_records(tmp_path, list(range(12)))
+  keyed = data.dataset(files, spec, 64, 4, 3, 2, training=False, keyed=True)
+  photos = sorted(int(k) // data.MAX_VIEWS for _, y in keyed for k in y['key'].numpy())
+  assert len(photos) == 12
+  out = np.array(photos[:3], np.int64)
+  for cached in (None, 64):
+    ds = data.dataset(files, spec, 64, 4, 3, 2, training=True, keyed=True, exclude=out,
+                      decoded_size=cached)
+    left = sorted(int(k) // data.MAX_VIEWS for _, y in ds for k in y['key'].numpy())
+    assert left == photos[3:]
+  keys = np.array(photos) * data.MAX_VIEWS
+  rows = np.arange(12, dtype=np.float16)[:, None]
+  y = {M.CLASS_OUT: np.arange(12) % 3, M.MAKE_OUT: np.arange(12) % 2}
+  keep = ~np.isin(keys // data.MAX_VIEWS, out)
+  batches = data.ArrayBatches(rows, y, 3, {M.CLASS_OUT: 3, M.MAKE_OUT: 2}, True, keys=keys, keep=keep)
+  seen = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))])
+  assert len(batches) == 3 and sorted(seen.tolist()) == list(range(3, 12))

@@ -116,6 +116,9 @@ class ModelConfig:
   # that head exists (weights imagenet, Lite0/1/2) and not on a warm start; otherwise the
   # Trainer says it is off and why (training.json).
   co_tuning: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
+  # Train without the photos of train ads whose labels an out-of-fold audit doubts
+  # (label_noise.py: cleanlab on linear probes of the frozen network; listed in training.json).
+  drop_label_issues: bool = False
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 

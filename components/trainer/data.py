@@ -41,7 +41,8 @@ MAX_VIEWS = 64  # views of one photo told apart in seeds and keys (model.feature
 def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int, n_makes: int,
             training: bool, repeat: bool = False, crop_prob: float = 0.0,
             decoded_size: Optional[int] = None, light: bool = False, seed: int = 7,
-            view: int = 0, keyed: bool = False) -> tf.data.Dataset:
+            view: int = 0, keyed: bool = False,
+            exclude: Optional[np.ndarray] = None) -> tf.data.Dataset:
   """(uint8 photos, one-hot labels) batches of `files`.
 
   `decoded_size`: each photo is decoded once, bilinear-resized to that square (the model
@@ -54,7 +55,8 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   when each photo passes once (the cached stages' views: the same whatever order
   ExampleGen wrote the records in), of (`seed`, position in the stream) when repeating
   (every epoch other views). `keyed`: labels also carry 'key', the photo's hash and view,
-  for an order-independent arrangement of cached activations.
+  for an order-independent arrangement of cached activations. `exclude`: photo keys (the
+  hash of the p_hash, as in 'key') left out, e.g. the photos of ads with doubted labels.
   """
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
   if training and not decoded_size:
@@ -76,6 +78,12 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
             tf.reshape(f[make_key], [-1])[0], photo)
 
   ds = ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE)
+  if exclude is not None and len(exclude):
+    if not named:
+      raise ValueError('excluding photos needs the p_hash feature in the examples')
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(np.asarray(exclude, np.int64)), tf.ones([len(exclude)], tf.int32)), 0)
+    ds = ds.filter(lambda *e: table.lookup(e[5]) == 0)
   if decoded_size:
     ds = ds.cache()
     if training:
@@ -173,16 +181,18 @@ class ArrayBatches(keras.utils.Sequence):
   With `keys` (one per row, e.g. photo and view) the shuffle starts from the rows sorted by
   key: the batches are the same whatever order the rows were stored in."""
 
-  def __init__(self, x, y, batch, n_out, shuffle, seed=7, keys=None):
+  def __init__(self, x, y, batch, n_out, shuffle, seed=7, keys=None, keep=None):
     super().__init__()
     self.x, self.batch, self.n_out, self.shuffle = x, batch, n_out, shuffle
     self.y = {k: v for k, v in y.items() if k in n_out}
     self.rng = np.random.default_rng(seed)
     self.order = np.arange(len(x)) if keys is None else np.argsort(keys, kind='stable')
+    if keep is not None:  # a row mask: rows left out (photos of ads with doubted labels)
+      self.order = self.order[np.asarray(keep, bool)[self.order]]
     self.on_epoch_end()
 
   def __len__(self):
-    return -(-len(self.x) // self.batch)
+    return -(-len(self.order) // self.batch)
 
   def __getitem__(self, i):
     idx = self.order[i * self.batch:(i + 1) * self.batch]

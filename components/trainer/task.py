@@ -29,6 +29,7 @@ from carvision.components.trainer import config as C
 from carvision.components.trainer import data as D
 from carvision.components.trainer import distribute
 from carvision.components.trainer import export
+from carvision.components.trainer import label_noise as LN
 from carvision.components.trainer import model as M
 from carvision.components.trainer import resume
 from carvision.components.trainer import warm_start as W
@@ -143,15 +144,16 @@ class Training:
                                    self.source or '']), self.mc.checkpoint_every_s)
     self.done, self.resumed, self.seconds_before, self.attempt = 0, None, 0.0, 1
     self.relationship = None  # Co-Tuning's p(ImageNet class | car class), once computed
+    self.excluded = None  # photo keys of train ads with doubted labels (drop_label_issues)
 
   # --- data ---------------------------------------------------------------------------
 
   def data(self, files, training, repeat=False, at=None, light=False, cached=False, view=0,
-           keyed=False):
+           keyed=False, exclude=None):
     return D.dataset(files, self.spec, at or self.size, self.batch, self.n_classes, self.n_makes,
                    training=training, repeat=repeat, crop_prob=self.mc.bbox_crop_prob,
                    decoded_size=self.size if cached else None, light=light, seed=self.mc.seed,
-                   view=view, keyed=keyed)
+                   view=view, keyed=keyed, exclude=exclude)
 
   def start(self) -> None:
     """Counts the splits, sizes the photo cache, warm-starts when configured."""
@@ -256,6 +258,35 @@ class Training:
         c['pooled'] = (run(xtr), ytr, run(xev), yev)
     return c['pooled']
 
+  def _label_issues(self) -> None:
+    """model.drop_label_issues: the train ads an out-of-fold audit doubts (label_noise.py),
+    found once per run and kept in the history, so a resumed run leaves out the same photos."""
+    if not self.mc.drop_label_issues or self.excluded is not None:
+      return
+    ads_of = LN.photo_ads(self.train_files)
+    found = self.history.get('label_issues')
+    if found is None:
+      if self.cache is None:
+        self.cache = self._build_cache()
+      xtr, ytr, _, _ = self._pooled()
+      clean = ytr['key'] % D.MAX_VIEWS == 0
+      groups = np.array([ads_of[int(p)] for p in ytr['key'][clean] // D.MAX_VIEWS])
+      classes = ytr[M.CLASS_OUT][clean]
+      probs = LN.out_of_fold(xtr[clean], classes, groups, self.n_classes, seed=self.mc.seed)
+      found = {'ads': LN.flag_ads(probs, classes, groups), 'train_ads': int(len(set(groups)))}
+      self.history['label_issues'] = found
+      say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
+          'contradict their label (out-of-fold audit): trained without them')
+    flagged = set(found['ads'])
+    self.excluded = np.array(sorted(p for p, a in ads_of.items() if a in flagged), np.int64)
+    found['photos_left_out'] = int(len(self.excluded))
+
+  def _keep(self, labels) -> Optional[np.ndarray]:
+    """Row mask of cached activations without the excluded photos (None: all rows)."""
+    if self.excluded is None or not len(self.excluded):
+      return None
+    return ~np.isin(labels['key'] // D.MAX_VIEWS, self.excluded)
+
   def _schedule(self, stage, steps: int, warmup: int):
     return M.WarmupCosine(stage.learning_rate * self.lr_scale, steps, warmup)
 
@@ -265,7 +296,7 @@ class Training:
     """Frozen network: the heads alone on pooled activations (linear probe)."""
     xtr, ytr, xev, yev = self._pooled()
     train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
-                         keys=ytr.get('key'))
+                         keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
     _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     return self.head.fit(train, epochs=stage.epochs, validation_data=D.ArrayBatches(
@@ -280,7 +311,7 @@ class Training:
     inp = keras.Input(xtr.shape[1:], name='activations')
     top = keras.Model(inp, M.named(self.head(self.upper(inp))), name='top')
     train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
-                         keys=ytr.get('key'))
+                         keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
     _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
     h = top.fit(train, epochs=stage.epochs, validation_data=D.ArrayBatches(
@@ -335,7 +366,8 @@ class Training:
     if at != self.size and self.full.input_shape[1] is not None:
       raise ValueError(f'stage {stage.name}: image_size {at} needs a backbone of any input '
                        f'size (EfficientNet-Lite); {self.mc.backbone} is built at {self.size}')
-    per_epoch = max(1, self.n_train // self.batch)
+    left_out = len(self.excluded) if self.excluded is not None else 0
+    per_epoch = max(1, (self.n_train - left_out) // self.batch)
     co = self._co_tuning()
     # With Co-Tuning the stage trains `full` inside a model that also has the ImageNet head
     # (fresh from the converted weights each stage: a resumed run trains the same model).
@@ -355,7 +387,7 @@ class Training:
       net.optimizer.build(net.trainable_variables)
       resume.Checkpoints.restore(mid['path'], net, net.optimizer)
     train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
-                      light=stage.augment == 'light')
+                      light=stage.augment == 'light', exclude=self.excluded)
     if co:
       train = CT.with_target(train)
     net.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
@@ -376,6 +408,7 @@ class Training:
            if stage.trainable == 'top_blocks' else stage.trainable)
         + (f' at {stage.image_size} px' if stage.image_size else '') + ')')
     ts = time.time()
+    self._label_issues()
     before = self.full.get_weights()
     kind = {C.HEADS: self.fit_heads, C.CACHED_TOP: self.fit_cached_top,
             C.END_TO_END: self.fit_end_to_end}[stage.kind]

@@ -1,0 +1,76 @@
+"""Training that tolerates seller mistakes: train ads whose photos contradict their listing,
+found before any stage trains, by confident learning (cleanlab) on out-of-fold predictions.
+
+Each fold's linear classifier on the frozen network's pooled activations (the clean view)
+never saw the ads it scores, and folds are whole ads: a wrong listing repeated on three
+photos of one ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an
+ad has one listing), cleanlab's `find_label_issues` flags the ads, and every stage then
+trains without their photos. Validation is left as it is: it chooses, and the gate is on test.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from carvision.components import features as F
+from carvision.components import files as files_lib
+
+PHOTO_BUCKETS = 2**40  # the photo key of data.dataset: to_hash_bucket_fast(p_hash, 2**40)
+
+
+def photo_ads(patterns: List[str]) -> Dict[int, int]:
+  """{photo key: ad id} of the (GZIP TFRecord) examples in `patterns`."""
+  spec = {F.AD_ID: tf.io.FixedLenFeature([1], tf.int64),
+          F.P_HASH: tf.io.FixedLenFeature([1], tf.string)}
+  ds = tf.data.TFRecordDataset(files_lib.expand(patterns), compression_type='GZIP').batch(1024)
+  out = {}
+  for batch in ds:
+    f = tf.io.parse_example(batch, spec)
+    keys = tf.strings.to_hash_bucket_fast(tf.reshape(f[F.P_HASH], [-1]), PHOTO_BUCKETS).numpy()
+    out.update(zip((int(k) for k in keys), (int(a) for a in f[F.AD_ID].numpy().ravel())))
+  return out
+
+
+def out_of_fold(x: np.ndarray, classes: np.ndarray, groups: np.ndarray, n_classes: int,
+                folds: int = 5, epochs: int = 30, seed: int = 7, min_steps: int = 1000) -> np.ndarray:
+  """[rows, n_classes] probabilities, each row from a softmax regression fitted on the other
+  folds; folds are groups (ads) dealt at random."""
+  rng = np.random.default_rng(seed)
+  uniq = np.unique(groups)
+  fold_of = dict(zip(rng.permutation(uniq).tolist(), np.arange(len(uniq)) % folds))
+  fold = np.array([fold_of[g] for g in groups.tolist()])
+  probs = np.zeros((len(x), n_classes), np.float32)
+  y = np.eye(n_classes, dtype=np.float32)[classes]
+  xf = x.astype(np.float32)
+  for k in range(folds):
+    fit, held = fold != k, fold == k
+    if not held.any() or not fit.any():
+      continue
+    keras.utils.set_random_seed(seed + k)
+    m = keras.Sequential([keras.Input((x.shape[1],)),
+                          keras.layers.Dense(n_classes, activation='softmax')])
+    per_epoch = -(-int(fit.sum()) // 64)
+    fold_epochs = max(epochs, -(-min_steps // per_epoch))  # small sets: enough steps to converge
+    steps = fold_epochs * per_epoch
+    m.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
+              keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
+    m.fit(xf[fit], y[fit], batch_size=64, epochs=fold_epochs, verbose=0, shuffle=True)
+    probs[held] = m.predict(xf[held], batch_size=1024, verbose=0)
+  return probs
+
+
+def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray) -> List[int]:
+  """The ads (group ids) whose listed class cleanlab finds an issue with, from their photos'
+  mean out-of-fold probabilities."""
+  from cleanlab.filter import find_label_issues  # pylint: disable=g-import-not-at-top
+  ads, index = np.unique(groups, return_inverse=True)
+  mean = np.zeros((len(ads), probs.shape[1]), np.float64)
+  np.add.at(mean, index, probs)
+  mean /= np.bincount(index, minlength=len(ads))[:, None]
+  listed = np.zeros(len(ads), np.int64)
+  listed[index] = classes
+  issues = find_label_issues(listed, mean.astype(np.float32), filter_by='prune_by_noise_rate')
+  return sorted(int(a) for a in ads[issues])
