@@ -52,7 +52,7 @@ def test_rows_are_mapped_by_label_new_classes_start_silent(previous):
   # D: silent until trained (no weights, the lowest kept bias): it takes no answers yet
   assert not k[:, 2].any() and np.abs(fresh_k[:, 2]).sum() > 0 and b[2] == old_b.min()
   assert b[0] == old_b[1]
-  for ours, theirs in zip(W.backbone_of(new).get_weights(), W.backbone_of(prev).get_weights()):
+  for ours, theirs in zip(M.backbone_of(new).get_weights(), M.backbone_of(prev).get_weights()):
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -87,6 +87,6 @@ def test_the_weights_file_starts_a_run_as_the_saved_model_does(previous, tmp_pat
   old_k, _ = prev.get_layer('heads').get_layer(M.CLASS_OUT).get_weights()
   k, _ = new.get_layer('heads').get_layer(M.CLASS_OUT).get_weights()
   np.testing.assert_allclose(k[:, 0], old_k[:, 2], rtol=1e-3, atol=1e-4)  # C
-  for ours, theirs in zip(W.backbone_of(new).get_weights(), W.backbone_of(prev).get_weights()):
+  for ours, theirs in zip(M.backbone_of(new).get_weights(), M.backbone_of(prev).get_weights()):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 

@@ -37,8 +37,7 @@ def relationship(pooled: np.ndarray, classes: np.ndarray, kernel: np.ndarray, bi
 def training_model(full: keras.Model, imagenet: keras.layers.Dense) -> keras.Model:
   """`full`'s layers (shared: training it trains `full`) plus the ImageNet head on the
   pooled features: outputs class, make, imagenet."""
-  head = full.get_layer('heads')
-  base = next(l for l in full.layers if isinstance(l, keras.Model) and l is not head)
+  head, base = full.get_layer('heads'), M.backbone_of(full)
   pixels = keras.Input(full.input_shape[1:], name='pixels')
   feats = base(full.get_layer('normalise')(pixels))
   out = M.named(head(feats))

@@ -99,11 +99,17 @@ def predict_views(full: keras.Model, pixels, views: Sequence[str]) -> Dict:
   x = tf.cast(pixels, tf.float32)
   norm = full.get_layer('normalise')
   head = full.get_layer('heads')
-  base = next(l for l in full.layers if isinstance(l, keras.Model) and l is not head)
+  base = backbone_of(full)
   feats = base(norm(tf.concat([_view(x, v) for v in views], axis=0)), training=False)
   n_feat = int(feats.shape[-1])
   feats = tf.reduce_mean(tf.reshape(feats, [len(views), -1, n_feat]), axis=0)
   return dict(head(feats, training=False))
+
+
+def backbone_of(full: keras.Model) -> keras.Model:
+  """The backbone inside a classifier built by `classifier` (the nested model not `heads`)."""
+  head = full.get_layer('heads')
+  return next(l for l in full.layers if isinstance(l, keras.Model) and l is not head)
 
 
 def set_trainable(base: keras.Model, mode: str, top_blocks: int = 0) -> None:

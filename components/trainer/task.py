@@ -144,6 +144,7 @@ class Training:
                                    self.source or '']), self.mc.checkpoint_every_s)
     self.done, self.resumed, self.seconds_before, self.attempt = 0, None, 0.0, 1
     self.relationship = None  # Co-Tuning's p(ImageNet class | car class), once computed
+    self.imagenet_head = None  # Co-Tuning: the converted ImageNet head (kernel, bias), read once
     self.excluded = None  # photo keys of train ads with doubted labels (drop_label_issues)
 
   # --- data ---------------------------------------------------------------------------
@@ -343,8 +344,8 @@ class Training:
         if self.cache is None:
           self.cache = self._build_cache()
         xtr, ytr, _, _ = self._pooled()
-        kernel, bias = M.el.imagenet_head(mc.backbone)
-        self.relationship = CT.relationship(xtr, ytr[M.CLASS_OUT], kernel, bias, self.n_classes)
+        self.relationship = CT.relationship(xtr, ytr[M.CLASS_OUT], *self._imagenet_head(),
+                                            self.n_classes)
         if path:
           buf = io.BytesIO()
           np.save(buf, self.relationship)
@@ -356,6 +357,11 @@ class Training:
                                    'target_entropy': float(np.mean(-np.sum(
                                        self.relationship * np.log(self.relationship + 1e-12), -1)))}
     return self.relationship, mc.co_tuning
+
+  def _imagenet_head(self):
+    if self.imagenet_head is None:
+      self.imagenet_head = M.el.imagenet_head(self.mc.backbone)
+    return self.imagenet_head
 
   def fit_end_to_end(self, stage, index: int = 0):
     """Photos through the network, the chosen blocks trainable, at the stage's size
@@ -371,8 +377,7 @@ class Training:
     co = self._co_tuning()
     # With Co-Tuning the stage trains `full` inside a model that also has the ImageNet head
     # (fresh from the converted weights each stage: a resumed run trains the same model).
-    net = CT.training_model(self.full, CT.head_layer(*M.el.imagenet_head(self.mc.backbone))) \
-        if co else self.full
+    net = CT.training_model(self.full, CT.head_layer(*self._imagenet_head())) if co else self.full
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing, co)
     mid = self._mid_stage(index)

@@ -36,15 +36,10 @@ def source(mc, base_model: Optional[str]) -> Optional[str]:
   return ws
 
 
-def backbone_of(model: keras.Model) -> keras.Model:
-  head = model.get_layer('heads')
-  return next(l for l in model.layers if isinstance(l, keras.Model) and l is not head)
-
-
 def save_weights(full: keras.Model, path: str) -> None:
   """warm_start.npz: the backbone's weights in order, then each head's kernel and bias."""
   arrays = {f'backbone/{i:04d}': w.astype(np.float16)
-            for i, w in enumerate(backbone_of(full).get_weights())}
+            for i, w in enumerate(M.backbone_of(full).get_weights())}
   for head in HEADS:
     kernel, bias = full.get_layer('heads').get_layer(head).get_weights()
     arrays[f'{head}/kernel'], arrays[f'{head}/bias'] = kernel.astype(np.float16), bias
@@ -83,7 +78,7 @@ def _load(path: str) -> Tuple[str, List[np.ndarray], Dict[str, Tuple[np.ndarray,
   src = _saved_model_dir(path)
   prev = keras.models.load_model(src, compile=False)
   heads = {h: tuple(prev.get_layer('heads').get_layer(h).get_weights()) for h in HEADS}
-  return src, backbone_of(prev).get_weights(), heads
+  return src, M.backbone_of(prev).get_weights(), heads
 
 
 def previous_vocabularies(path: str, src: str) -> Dict[str, Optional[List[str]]]:
@@ -122,7 +117,7 @@ def warm_start(full: keras.Model, path: str, vocab: Dict[str, List[str]]) -> Dic
   """
   src, theirs, prev_heads = _load(path)
   prev_vocab = previous_vocabularies(path, src)
-  ours = backbone_of(full)
+  ours = M.backbone_of(full)
   if [w.shape for w in theirs] != [w.shape for w in ours.get_weights()]:
     raise ValueError(f'model.warm_start: {src} has another architecture (backbone/size)')
   ours.set_weights(theirs)
