@@ -1,0 +1,132 @@
+"""What seller mistakes in the train split do to the test figures, and what
+`model.drop_label_issues` wins back: one short pipeline run per arm on the same export.
+
+  scripts/env.sh run 'python bench/noisy_train.py --data ../shared/data/car_ads --rate 0.10'
+
+Arms (each its own pipeline root under --out, skipped when its result exists, so a stopped
+benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer):
+  clean        the export as it is;
+  noisy        a share `--rate` of the train split's ads relabelled to other catalogued
+               make|model|submodel triples (bench/audit_noise.inject: sibling submodel, other
+               model of the make, other make, a third each);
+  noisy_drop   the same noisy export with model.drop_label_issues on.
+Only train ads are relabelled: validation and test keep their labels, so the test figures
+(the TFLiteEvaluator's, int8 file) judge against the listed truth. The recipe is
+bench/proxy.yaml (the production stages, shorter): the gap between arms, not the level,
+is the figure. For noisy_drop the flagged ads are scored against the injected truth.
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import audit_noise  # noqa: E402  pylint: disable=wrong-import-position
+from carvision.components import names  # noqa: E402
+from carvision.components.example_gen import records  # noqa: E402
+from carvision.pipeline import config as config_lib  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARMS = ('clean', 'noisy', 'noisy_drop')
+
+
+def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
+  """cars.csv with `rate` of the train split's ads relabelled; returns {ad_id: [kind, truth]}."""
+  with open(src, encoding='utf-8', newline='') as f:
+    rows = list(csv.DictReader(f))
+  label = {int(r['ad_id']): names.CLASS_SEP.join((r['make'], r['model'], r['submodel']))
+           for r in rows if r['submodel']}
+  tree = audit_noise.catalogue([r for r in rows if r['submodel']])
+  train = {a: l for a, l in label.items() if records.split_for(a, splits) == 'train'}
+  listed, wrong = audit_noise.inject(train, tree, rate, random.Random(seed))
+  os.makedirs(os.path.dirname(out_csv), exist_ok=True)
+  with open(out_csv + '.tmp', 'w', encoding='utf-8', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+      ad = int(r['ad_id'])
+      if ad in wrong:
+        r = {**r, **dict(zip(('make', 'model', 'submodel'), names.split_label(listed[ad])))}
+      w.writerow(r)
+  os.replace(out_csv + '.tmp', out_csv)
+  return {str(a): [k, train[a]] for a, k in wrong.items()}
+
+
+def run_arm(arm: str, csv_path: str, images: str, out: str, extra) -> dict:
+  root = os.path.join(out, arm)
+  sets = [f'pipeline.root={root}', f'pipeline.metadata={root}/metadata.sqlite',
+          f'push.dir={root}/serving', f'ingest.csv={csv_path}',
+          f'ingest.image_url_template={images}/{{p_hash}}.jpg',
+          f'model.drop_label_issues={"true" if arm == "noisy_drop" else "false"}', *extra]
+  summary = os.path.join(out, f'{arm}.summary.json')
+  cmd = [sys.executable, '-m', 'carvision.pipeline.cli', 'run', '--config',
+         os.path.join(HERE, 'proxy.yaml'), '--summary-json', summary]
+  for s in sets:
+    cmd += ['--set', s]
+  with open(os.path.join(out, f'{arm}.log'), 'a', encoding='utf-8') as log:
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  with open(summary, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def flagged(root: str):
+  """The ads the Trainer left out (training.json of the latest Trainer output)."""
+  paths = sorted(glob.glob(os.path.join(root, 'Trainer', 'model', '*', '**', names.TRAINING_JSON),
+                           recursive=True), key=os.path.getmtime)
+  if not paths:
+    return None
+  with open(paths[-1], encoding='utf-8') as f:
+    t = json.load(f)
+  return ((t.get('history') or {}).get('stages') or {}).get('label_issues')
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--data', required=True, help='a car_ads directory (cars.csv, images/)')
+  ap.add_argument('--rate', type=float, default=0.10)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--out', default=os.path.join(config_lib.REPO_ROOT, 'runs', 'bench', 'noisy_train'))
+  ap.add_argument('--arms', default=','.join(ARMS))
+  ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
+  args = ap.parse_args()
+  data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  splits = config_lib.load(os.path.join(HERE, 'proxy.yaml')).ingest.splits
+  noisy_csv = os.path.join(out, 'noisy', 'cars.csv')
+  wrong_path = os.path.join(out, 'noisy', 'wrong.json')
+  if not os.path.exists(wrong_path):
+    wrong = write_export(os.path.join(data, 'cars.csv'), noisy_csv, args.rate, args.seed, splits)
+    with open(wrong_path, 'w', encoding='utf-8') as f:
+      json.dump({'rate': args.rate, 'seed': args.seed, 'ads': wrong}, f, indent=1)
+  with open(wrong_path, encoding='utf-8') as f:
+    wrong = json.load(f)['ads']
+  for arm in args.arms.split(','):
+    result_path = os.path.join(out, f'{arm}.result.json')
+    if os.path.exists(result_path):
+      with open(result_path, encoding='utf-8') as f:
+        print(f.read().strip())
+      continue
+    csv_path = os.path.join(data, 'cars.csv') if arm == 'clean' else noisy_csv
+    s = run_arm(arm, csv_path, os.path.join(data, 'images'), out, args.set)
+    result = {'arm': arm, 'rate': 0.0 if arm == 'clean' else args.rate, 'seed': args.seed,
+              'wrong_train_ads': 0 if arm == 'clean' else len(wrong), 'summary': s}
+    issues = flagged(os.path.join(out, arm)) if arm == 'noisy_drop' else None
+    if issues:
+      ads = {str(a) for a in issues['ads']}
+      result['flagged'] = {'ads': len(ads), 'train_ads': issues['train_ads'],
+                           'truly_wrong': len(ads & set(wrong)),
+                           'recall': len(ads & set(wrong)) / max(1, len(wrong))}
+    with open(result_path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+    os.replace(result_path + '.tmp', result_path)
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
