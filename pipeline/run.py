@@ -25,16 +25,8 @@ from carvision.pipeline.pipeline import RESUME_DIR, create_pipeline
 
 def card_extras(data_dir: Optional[str] = None) -> Dict[str, Any]:
   """Model-card fields known only to the launcher: command, code version, data manifest."""
-  try:
-    code = subprocess.run(['git', '-C', REPO_ROOT, 'describe', '--always', '--dirty'],
-                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    try:
-      code = 'carvision ' + metadata.version('carvision')
-    except metadata.PackageNotFoundError:
-      code = 'unknown'
-  out: Dict[str, Any] = {'command': 'carvision ' + ' '.join(sys.argv[1:]), 'code_version': code,
-                         'machine': machine()}
+  out: Dict[str, Any] = {'command': 'carvision ' + ' '.join(sys.argv[1:]),
+                         'code_version': code_version(), 'machine': machine()}
   manifest = os.path.join(data_dir, 'manifest.json') if data_dir else None
   if manifest and os.path.exists(manifest):
     with open(manifest) as f:
@@ -44,6 +36,22 @@ def card_extras(data_dir: Optional[str] = None) -> Dict[str, Any]:
                                     'sha256_of_sorted_phash_filesha_list'),
                                 'counts': m.get('counts')}}
   return out
+
+
+def code_version() -> str:
+  """git describe of the code that runs: from scripts/env.sh (CARVISION_CODE_VERSION: git on the
+  host, since the environment has none), else git here, else the installed package's version."""
+  code = os.environ.get('CARVISION_CODE_VERSION', '').strip()
+  if code:
+    return code
+  try:
+    return subprocess.run(['git', '-C', REPO_ROOT, 'describe', '--always', '--dirty'],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    try:
+      return 'carvision ' + metadata.version('carvision')
+    except metadata.PackageNotFoundError:
+      return 'unknown'
 
 
 def machine() -> Dict[str, Any]:

@@ -141,6 +141,10 @@ run() {
     *) local inside=""; for m in "${mounts[@]}"; do case "$cwd/" in "$m"/*) inside=1;; esac; done
        [ -n "$inside" ] || cwd=$REPO;;
   esac
+  # The code version as git on this side sees it (the environment has no git, and a worktree's
+  # .git points outside the repository): the model card's code_version.
+  [ -n "${CARVISION_CODE_VERSION:-}" ] || CARVISION_CODE_VERSION=$(git -C "$REPO" describe --always --dirty 2>/dev/null || true)
+  export CARVISION_CODE_VERSION
   local common=(TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH="$REPO" PYTHONDONTWRITEBYTECODE=1 CARVISION_REPO="$REPO")
   if [ "$MODE" = venv ]; then
     (cd "$cwd" && env "${common[@]}" PATH="$TARGET/bin:$PATH" bash -c "$*")

@@ -60,3 +60,14 @@ out=$("$REPO/bin/carvision" predict --json --top-k 1 "$work/a ph'oto é.jpg" 2>"
   echo "FAIL: a path with a space, a quote and é: $(tail -3 "$work/err")"; exit 1; }
 [ "$(python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["input"])' <<<"$out")" = "$work/a ph'oto é.jpg" ] || { echo "FAIL: the path did not arrive whole: $out"; exit 1; }
 echo "[host] bin/carvision: arguments off the command line (a --dsn password never on one): ok"
+
+# The model card's code version is git's on the host (the environment has no git; a
+# worktree's .git points outside the repository): env.sh hands it in, unless one is set.
+want=$(git -C "$REPO" describe --always --dirty 2>/dev/null || true)
+if [ -n "$want" ]; then
+  got=$("$REPO/scripts/env.sh" run 'python -c "from carvision.pipeline import run; print(run.code_version())"' 2>/dev/null | tail -1)
+  [ "$got" = "$want" ] || { echo "FAIL: code_version inside is '$got', git says '$want'"; exit 1; }
+  got=$(CARVISION_CODE_VERSION=v9-test "$REPO/scripts/env.sh" run 'python -c "from carvision.pipeline import run; print(run.code_version())"' 2>/dev/null | tail -1)
+  [ "$got" = v9-test ] || { echo "FAIL: a set CARVISION_CODE_VERSION was not kept: '$got'"; exit 1; }
+  echo "[host] env.sh: the code version reaches the model card: ok"
+fi
