@@ -54,6 +54,9 @@ class StageConfig:
   # standard: random resized crop (50-100 % area), flip, colour; light: the whole photo and
   # a flip, as served (a short last stage at the serving size: FixRes' fine-tune).
   augment: Annotated[str, one_of(AUGMENT)] = 'standard'
+  # Decoupled weight decay (AdamW, Loshchilov & Hutter 2019) on the stage's trainable kernels,
+  # as a share of the weight per unit of learning rate; biases and BatchNorm are exempt. 0: Adam.
+  weight_decay: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
 
   @property
   def kind(self) -> str:

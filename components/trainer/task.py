@@ -70,7 +70,16 @@ class _History:  # pylint: disable=too-few-public-methods
     self.history = history
 
 
-def _compile(m: keras.Model, schedule, smoothing: float, co_tuning=None):
+def _optimizer(schedule, weight_decay: float = 0.0):
+  """Adam, or AdamW with decoupled weight decay on kernels only (biases, BatchNorm exempt)."""
+  if not weight_decay:
+    return keras.optimizers.Adam(schedule)
+  opt = keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+  opt.exclude_from_weight_decay(var_names=['bias', 'gamma', 'beta'])
+  return opt
+
+
+def _compile(m: keras.Model, schedule, smoothing: float, co_tuning=None, weight_decay: float = 0.0):
   """co_tuning: (relationship, weight) for a model with the kept ImageNet head (co_tuning.py)."""
   loss = {M.CLASS_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
           M.MAKE_OUT: keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)}
@@ -78,7 +87,7 @@ def _compile(m: keras.Model, schedule, smoothing: float, co_tuning=None):
   if co_tuning is not None:
     loss[CT.IMAGENET_OUT], weights[CT.IMAGENET_OUT] = CT.loss(co_tuning[0]), co_tuning[1]
   m.compile(
-      optimizer=keras.optimizers.Adam(schedule),
+      optimizer=_optimizer(schedule, weight_decay),
       loss=loss,
       loss_weights=weights,
       metrics={M.CLASS_OUT: [keras.metrics.CategoricalAccuracy(name='top1'),
@@ -299,7 +308,8 @@ class Training:
     train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
                          keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
-    _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
+    _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing,
+             weight_decay=stage.weight_decay)
     return self.head.fit(train, epochs=stage.epochs, validation_data=D.ArrayBatches(
         xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb, Progress(stage.name, stage.epochs)],
         verbose=0)
@@ -314,7 +324,8 @@ class Training:
     train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
                          keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
-    _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing)
+    _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing,
+             weight_decay=stage.weight_decay)
     h = top.fit(train, epochs=stage.epochs, validation_data=D.ArrayBatches(
         xev, yev, 256, self.n_out, shuffle=False), callbacks=[self._stop(stage), self.tb, Progress(stage.name, stage.epochs)],
         verbose=0)
@@ -379,7 +390,7 @@ class Training:
     # (fresh from the converted weights each stage: a resumed run trains the same model).
     net = CT.training_model(self.full, CT.head_layer(*self._imagenet_head())) if co else self.full
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
-             self.mc.label_smoothing, co)
+             self.mc.label_smoothing, co, stage.weight_decay)
     mid = self._mid_stage(index)
     stop = self._stop(stage, mid)
     saver = resume.EpochCheckpoint(self.ckpt, self.state, index, stage.epochs, stop,
