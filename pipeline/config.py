@@ -273,10 +273,21 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
+  """`a.b=v`; a number indexes a list the config already has (`model.stages.1.epochs=10`)."""
   parts = key.split('.')
-  for p in parts[:-1]:
-    data = data.setdefault(p, {})
-  data[parts[-1]] = value
+  for i, p in enumerate(parts):
+    last = i == len(parts) - 1
+    if isinstance(data, list):
+      if not p.isdigit() or int(p) >= len(data):
+        raise ConfigError(f'--set {key}: {".".join(parts[:i])} has {len(data)} items; '
+                          f'{p!r} is not one of 0..{len(data) - 1}')
+      p = int(p)
+    elif not isinstance(data, dict):
+      raise ConfigError(f'--set {key}: {".".join(parts[:i])} is a value, not a section')
+    if last:
+      data[p] = value
+    else:
+      data = data[p] if isinstance(data, list) else data.setdefault(p, {})
 
 
 def load(name_or_path: str = 'default', overrides: Optional[Dict[str, Any]] = None) -> Config:

@@ -39,6 +39,16 @@ def test_bad_values_are_named_before_any_work(override, message):
   assert '\n' not in str(e.value)
 
 
+def test_set_reaches_list_items_and_names_a_bad_index():
+  cfg = config.load('car_ads', {'model.stages.1.weight_decay': 0.05, 'model.stages.2.epochs': 4})
+  assert cfg.model.stages[1].weight_decay == 0.05 and cfg.model.stages[2].epochs == 4
+  assert cfg.model.stages[0].weight_decay == 0.0
+  with pytest.raises(config.ConfigError, match=r'model.stages has 3 items; .7. is not one of 0..2'):
+    config.load('car_ads', {'model.stages.7.epochs': 4})
+  with pytest.raises(config.ConfigError, match='model.batch_size is a value, not a section'):
+    config.load('car_ads', {'model.batch_size.x': 4})
+
+
 def test_every_problem_is_named_at_once_and_a_password_is_never_echoed():
   with pytest.raises(config.ConfigError) as e:
     config.load('demo', {'model.batch_size': 0, 'evaluate.top5_min': 2,
