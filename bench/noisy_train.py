@@ -17,22 +17,20 @@ is the figure. For noisy_drop the flagged ads are scored against the injected tr
 """
 import argparse
 import csv
-import glob
 import json
 import os
 import random
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import audit_noise  # noqa: E402  pylint: disable=wrong-import-position
+import proxy  # noqa: E402  pylint: disable=wrong-import-position
 from carvision.components import names  # noqa: E402
 from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ('clean', 'noisy', 'noisy_drop')
 
 
@@ -58,34 +56,6 @@ def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict
   return {str(a): [k, train[a]] for a, k in wrong.items()}
 
 
-def run_arm(arm: str, csv_path: str, images: str, out: str, extra) -> dict:
-  root = os.path.join(out, arm)
-  sets = [f'pipeline.root={root}', f'pipeline.metadata={root}/metadata.sqlite',
-          f'push.dir={root}/serving', f'ingest.csv={csv_path}',
-          f'ingest.image_url_template={images}/{{p_hash}}.jpg',
-          f'model.drop_label_issues={"true" if arm == "noisy_drop" else "false"}', *extra]
-  summary = os.path.join(out, f'{arm}.summary.json')
-  cmd = [sys.executable, '-m', 'carvision.pipeline.cli', 'run', '--config',
-         os.path.join(HERE, 'proxy.yaml'), '--summary-json', summary]
-  for s in sets:
-    cmd += ['--set', s]
-  with open(os.path.join(out, f'{arm}.log'), 'a', encoding='utf-8') as log:
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-  with open(summary, encoding='utf-8') as f:
-    return json.load(f)
-
-
-def flagged(root: str):
-  """The ads the Trainer left out (training.json of the latest Trainer output)."""
-  paths = sorted(glob.glob(os.path.join(root, 'Trainer', 'model', '*', '**', names.TRAINING_JSON),
-                           recursive=True), key=os.path.getmtime)
-  if not paths:
-    return None
-  with open(paths[-1], encoding='utf-8') as f:
-    t = json.load(f)
-  return ((t.get('history') or {}).get('stages') or {}).get('label_issues')
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--data', required=True, help='a car_ads directory (cars.csv, images/)')
@@ -97,7 +67,7 @@ def main():
   args = ap.parse_args()
   data, out = os.path.abspath(args.data), os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  splits = config_lib.load(os.path.join(HERE, 'proxy.yaml')).ingest.splits
+  splits = config_lib.load(proxy.RECIPE).ingest.splits
   noisy_csv = os.path.join(out, 'noisy', 'cars.csv')
   wrong_path = os.path.join(out, 'noisy', 'wrong.json')
   if not os.path.exists(wrong_path):
@@ -113,10 +83,13 @@ def main():
         print(f.read().strip())
       continue
     csv_path = os.path.join(data, 'cars.csv') if arm == 'clean' else noisy_csv
-    s = run_arm(arm, csv_path, os.path.join(data, 'images'), out, args.set)
+    sets = [f'model.drop_label_issues={"true" if arm == "noisy_drop" else "false"}', *args.set]
+    s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
+    record = proxy.training_record(os.path.join(out, arm))
     result = {'arm': arm, 'rate': 0.0 if arm == 'clean' else args.rate, 'seed': args.seed,
-              'wrong_train_ads': 0 if arm == 'clean' else len(wrong), 'summary': s}
-    issues = flagged(os.path.join(out, arm)) if arm == 'noisy_drop' else None
+              'wrong_train_ads': 0 if arm == 'clean' else len(wrong), 'summary': s,
+              **proxy.validation_figures(record)}
+    issues = record['history']['stages'].get('label_issues')
     if issues:
       ads = {str(a) for a in issues['ads']}
       result['flagged'] = {'ads': len(ads), 'train_ads': issues['train_ads'],
