@@ -117,6 +117,23 @@ system_dir() {  # a directory the environment has of its own (mounting over it b
   return 1
 }
 
+# The command runs as a child of this small shell, which returns its exit status. Without a
+# terminal (supervisors, CI, nohup, a preemption notice) the child is a process group of its
+# own and SIGTERM, SIGHUP and SIGINT to the process that was started are passed on to that
+# whole group: a `kill` stops the command instead of leaving it running orphaned. On a
+# terminal the command stays in the terminal's group (Ctrl-C reaches it, it may read the
+# keyboard). stdin stays the caller's.
+WRAP='cd "$0" || exit 2
+[ -t 0 ] && g="" || { set -m; g=-; }
+exec 3<&0
+eval "$1" 0<&3 3<&- &
+c=$!
+exec 3<&-
+for s in TERM HUP INT; do trap "kill -$s -- $g$c 2>/dev/null" $s; done
+[ -n "$g" ] || trap : INT
+while kill -0 "$c" 2>/dev/null; do wait "$c"; done
+wait "$c"'
+
 run() {
   ensure
   # CARVISION_MOUNTS: host paths (one a line; names only) the command reads or writes
@@ -147,12 +164,11 @@ run() {
   export CARVISION_CODE_VERSION
   local common=(TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH="$REPO" PYTHONDONTWRITEBYTECODE=1 CARVISION_REPO="$REPO")
   if [ "$MODE" = venv ]; then
-    (cd "$cwd" && env "${common[@]}" PATH="$TARGET/bin:$PATH" bash -c "$*")
-    return
+    exec env "${common[@]}" PATH="$TARGET/bin:$PATH" bash -c "$WRAP" "$cwd" "$*"
   fi
   local shared; shared=$(cd "$REPO/.." && pwd)/shared
   [ -d "$shared" ] || shared=""
-  unshare --mount --propagation private -- /bin/bash -ec '
+  exec unshare --mount --propagation private -- /bin/bash -ec '
     R=$1; P=$2; S=$3; KEEP=" $4 "; MOUNTS=$5; shift 5
     mount -t proc proc "$R/proc"
     mount -t sysfs sysfs "$R/sys"
@@ -167,13 +183,13 @@ run() {
     export HOME=/root LANG=C.UTF-8 TMPDIR=/tmp/carvision \
       PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
     exec /usr/sbin/chroot "$R" /usr/bin/env "$@"' \
-    _ "$TARGET" "$REPO" "$shared" "$(pass_names)" "$(printf '%s\n' "${mounts[@]}")" "${common[@]}" /bin/bash -c 'cd "$0" && eval "$1"' "$cwd" "$*"
+    _ "$TARGET" "$REPO" "$shared" "$(pass_names)" "$(printf '%s\n' "${mounts[@]}")" "${common[@]}" /bin/bash -c "$WRAP" "$cwd" "$*"
 }
 
 case "${1:-}" in
   ensure) ensure ;;
   run) shift; run "$@" ;;
   path) echo "$TARGET" ;;
-  lock) ensure; run "pip freeze --exclude-editable | grep -v '^carvision' | sort -f" >"$REPO/requirements.lock.new" && mv "$REPO/requirements.lock.new" "$REPO/requirements.lock"; log "wrote requirements.lock" ;;
+  lock) ensure; (run "pip freeze --exclude-editable | grep -v '^carvision' | sort -f") >"$REPO/requirements.lock.new" && mv "$REPO/requirements.lock.new" "$REPO/requirements.lock"; log "wrote requirements.lock" ;;
   *) echo "usage: $0 ensure|run CMD|path|lock" >&2; exit 2 ;;
 esac
