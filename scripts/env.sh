@@ -122,11 +122,12 @@ system_dir() {  # a directory the environment has of its own (mounting over it b
 # own and SIGTERM, SIGHUP and SIGINT to the process that was started are passed on to that
 # whole group: a `kill` stops the command instead of leaving it running orphaned. On a
 # terminal the command stays in the terminal's group (Ctrl-C reaches it, it may read the
-# keyboard). stdin stays the caller's.
+# keyboard). stdin stays the caller's. `bash -c` execs a simple command in place, so the
+# wrapper waits for the command itself (python's clean-up on SIGTERM included).
 WRAP='cd "$0" || exit 2
 [ -t 0 ] && g="" || { set -m; g=-; }
 exec 3<&0
-eval "$1" 0<&3 3<&- &
+bash -c "$1" 0<&3 3<&- &
 c=$!
 exec 3<&-
 for s in TERM HUP INT; do trap "kill -$s -- $g$c 2>/dev/null" $s; done
