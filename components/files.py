@@ -44,13 +44,19 @@ def open_write(path: str, mode: str = 'w'):
 
 
 def expand(patterns: Sequence[str]) -> List[str]:
-  """The files of TFX file patterns (`.../Split-train/*`) or directories, sorted."""
+  """The files of TFX file patterns (`.../Split-train/*`), directories or files, sorted: a
+  list it returned expands to itself."""
   out: List[str] = []
   for p in patterns:
-    pattern = p if any(c in p for c in '*?[') else os.path.join(p, '*')
-    if remote(pattern):
+    if remote(p):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      out.extend(tf.io.gfile.glob(pattern))
+      glob_fn, isdir = tf.io.gfile.glob, tf.io.gfile.isdir
     else:
-      out.extend(_glob.glob(pattern))
+      glob_fn, isdir = _glob.glob, os.path.isdir
+    if any(c in p for c in '*?['):
+      out.extend(glob_fn(p))
+    elif isdir(p):
+      out.extend(glob_fn(os.path.join(p, '*')))
+    else:
+      out.extend(glob_fn(p))  # a file: itself if it exists
   return sorted(out)

@@ -39,3 +39,25 @@ def test_folds_are_whole_ads():
   listed[groups == ad] = 4  # a class only this ad has
   probs = LN.out_of_fold(x, listed, groups, 5, folds=3, epochs=20)
   assert probs[groups == ad, 4].max() < 0.2
+
+
+def test_photo_ads_reads_the_trainers_file_list_with_the_datasets_photo_keys(tmp_path):
+  """The Trainer passes its expanded file list: every photo key data.dataset makes is found."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from carvision.components import features as F  # pylint: disable=g-import-not-at-top
+  from carvision.components import files as files_lib  # pylint: disable=g-import-not-at-top
+  split = tmp_path / 'Split-train'
+  split.mkdir()
+  rows = {'aa00aa00aa00aa00': 11, 'bb11bb11bb11bb11': 11, 'cc22cc22cc22cc22': 12}
+  with tf.io.TFRecordWriter(str(split / 'part-0.gz'), options='GZIP') as w:
+    for p_hash, ad in rows.items():
+      w.write(tf.train.Example(features=tf.train.Features(feature={
+          F.P_HASH: tf.train.Feature(bytes_list=tf.train.BytesList(value=[p_hash.encode()])),
+          F.AD_ID: tf.train.Feature(int64_list=tf.train.Int64List(value=[ad]))})).SerializeToString())
+  keys = tf.strings.to_hash_bucket_fast(list(rows), LN.PHOTO_BUCKETS).numpy().tolist()
+  want = dict(zip(keys, rows.values()))
+  files = files_lib.expand([str(split / '*')])
+  assert files == [str(split / 'part-0.gz')] and files_lib.expand(files) == files
+  assert files_lib.expand([str(split)]) == files and files_lib.expand([str(split / 'none.gz')]) == []
+  for patterns in (files, [str(split / '*')], [str(split)]):
+    assert LN.photo_ads(patterns) == want
