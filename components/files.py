@@ -53,10 +53,7 @@ def expand(patterns: Sequence[str]) -> List[str]:
       glob_fn, isdir = tf.io.gfile.glob, tf.io.gfile.isdir
     else:
       glob_fn, isdir = _glob.glob, os.path.isdir
-    if any(c in p for c in '*?['):
-      out.extend(glob_fn(p))
-    elif isdir(p):
-      out.extend(glob_fn(os.path.join(p, '*')))
-    else:
-      out.extend(glob_fn(p))  # a file: itself if it exists
+    # a directory: its files; a pattern: its matches; a file: itself if it exists
+    has_wildcard = any(c in p for c in '*?[')
+    out.extend(glob_fn(os.path.join(p, '*') if not has_wildcard and isdir(p) else p))
   return sorted(out)
