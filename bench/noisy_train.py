@@ -9,11 +9,14 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
   noisy        a share `--rate` of the train split's ads relabelled to other catalogued
                make|model|submodel triples (bench/audit_noise.inject: sibling submodel, other
                model of the make, other make, a third each);
-  noisy_drop   the same noisy export with model.drop_label_issues on.
+  noisy_drop   the same noisy export with model.drop_label_issues on (the frozen network's
+               out-of-fold linear probes audit the train ads before training);
+  noisy_early  the same, audited by the network itself after `--audit-epoch` epochs of the
+               body stage (model.label_audit_epoch), the stage going on without them.
 Only train ads are relabelled: validation and test keep their labels, so the test figures
 (the TFLiteEvaluator's, int8 file) judge against the listed truth. The recipe is
 bench/proxy.yaml (the production stages, shorter): the gap between arms, not the level,
-is the figure. For noisy_drop the flagged ads are scored against the injected truth.
+is the figure. For the drop arms the flagged ads are scored against the injected truth.
 """
 import argparse
 import csv
@@ -31,7 +34,7 @@ from carvision.components import names  # noqa: E402
 from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
-ARMS = ('clean', 'noisy', 'noisy_drop')
+ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early')
 
 
 def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
@@ -63,6 +66,7 @@ def main():
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--out', default=os.path.join(config_lib.REPO_ROOT, 'runs', 'bench', 'noisy_train'))
   ap.add_argument('--arms', default=','.join(ARMS))
+  ap.add_argument('--audit-epoch', type=int, default=3, help='noisy_early: model.label_audit_epoch')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
   args = ap.parse_args()
   data, out = os.path.abspath(args.data), os.path.abspath(args.out)
@@ -83,7 +87,9 @@ def main():
         print(f.read().strip())
       continue
     csv_path = os.path.join(data, 'cars.csv') if arm == 'clean' else noisy_csv
-    sets = [f'model.drop_label_issues={"true" if arm == "noisy_drop" else "false"}', *args.set]
+    drop = arm in ('noisy_drop', 'noisy_early')
+    sets = [f'model.drop_label_issues={"true" if drop else "false"}',
+            f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
     record = proxy.training_record(os.path.join(out, arm))
     result = {'arm': arm, 'rate': 0.0 if arm == 'clean' else args.rate, 'seed': args.seed,
@@ -92,9 +98,10 @@ def main():
     issues = record['history']['stages'].get('label_issues')
     if issues:
       ads = {str(a) for a in issues['ads']}
-      result['flagged'] = {'ads': len(ads), 'train_ads': issues['train_ads'],
-                           'truly_wrong': len(ads & set(wrong)),
-                           'recall': len(ads & set(wrong)) / max(1, len(wrong))}
+      hit = len(ads & set(wrong))
+      result['flagged'] = {'ads': len(ads), 'train_ads': issues['train_ads'], 'truly_wrong': hit,
+                           'recall': hit / max(1, len(wrong)), 'precision': hit / max(1, len(ads)),
+                           'by': issues.get('by', 'out-of-fold linear probes')}
     with open(result_path + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
     os.replace(result_path + '.tmp', result_path)

@@ -31,6 +31,9 @@ from carvision.pipeline import config
      'only EfficientNet-Lite backbones take any size'),
     ({'model.distribute': 'horovod'}, "model.distribute='horovod': one of auto"),
     ({'model.co_tuning': -1}, 'model.co_tuning=-1: Input should be greater than or equal to 0'),
+    ({'model.drop_label_issues': True, 'model.label_audit_epoch': 30,
+      'model.stages': [{'name': 'b', 'trainable': 'top_blocks', 'top_blocks': 2, 'epochs': 30}]},
+     'model.label_audit_epoch 30: the first end-to-end stage of model.stages (b) has 30 epochs'),
 ])
 def test_bad_values_are_named_before_any_work(override, message):
   with pytest.raises(config.ConfigError) as e:

@@ -367,6 +367,45 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
   assert training['history']['calibration']['split'] == 'validation'
 
 
+def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tmp_path):
+  """model.label_audit_epoch: the first end-to-end stage trains its first epoch on every
+  train photo, the network then audits the train ads, and the stage's later epochs (and the
+  next stage) leave out exactly the photos of the flagged ads, recorded in training.json."""
+  import json
+  from tfx import v1 as tfx
+  from carvision.components.trainer import label_noise as LN
+  from carvision.components.trainer import task
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  examples = _one(root, 'Transform', 'transformed_examples')
+  train_files = [os.path.join(examples, 'Split-train', '*')]
+  stages = [{'name': 'head', 'trainable': 'none', 'epochs': 2, 'learning_rate': 3e-3},
+            {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,
+             'epochs': 2, 'learning_rate': 1e-4, 'patience': 5},
+            {'name': 'last', 'trainable': 'top_blocks', 'top_blocks': 1, 'epochs': 1,
+             'learning_rate': 1e-5}]
+  tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
+                                'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
+                                'model.tflite_representative_samples': 8,
+                                'model.drop_label_issues': True, 'model.label_audit_epoch': 1,
+                                **SMALL})
+  out = tmp_path / 'model'
+  task.run_fn(tfx.components.FnArgs(
+      train_files=train_files,
+      eval_files=[os.path.join(examples, 'Split-validation', '*')],
+      transform_output=_one(root, 'Transform', 'transform_graph'),
+      serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+      custom_config={'config': config_lib.trainer_config(tc).to_json()}))
+  hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
+  found = hist['label_issues']
+  ads_of = LN.photo_ads(train_files)
+  assert found['by'] == 'the network after 1 epochs of stage body'
+  assert found['train_ads'] == len(set(ads_of.values()))
+  assert set(found['ads']) <= set(ads_of.values())
+  assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
+  assert len(hist['body']['val_class_top1']) == 2 and len(hist['last']['val_class_top1']) == 1
+
+
 # Last two: they train more models in the same pipeline root.
 def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny_dsn):
   """After a blessed model exists, a much worse one (1 epoch at a tiny rate) must not ship."""

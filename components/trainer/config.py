@@ -122,6 +122,11 @@ class ModelConfig:
   # Train without the photos of train ads whose labels an out-of-fold audit doubts
   # (label_noise.py: cleanlab on linear probes of the frozen network; listed in training.json).
   drop_label_issues: bool = False
+  # Which model audits the train ads for drop_label_issues: 0, linear probes of the frozen
+  # network (out of fold) before any stage; N > 0, the network itself after N epochs of the
+  # first end-to-end stage, which then goes on without the flagged ads (early learning: a
+  # network fits the consistent majority of the labels before it memorises the exceptions).
+  label_audit_epoch: NonNegative = 0
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 
@@ -148,6 +153,15 @@ class ModelConfig:
             and self.backbone not in efficientnet_lite.VARIANTS):
           raise ValueError(f'{where}: image_size {st.image_size} differs from model.image_size '
                            f'{self.image_size}; only EfficientNet-Lite backbones take any size')
+    if self.drop_label_issues and self.label_audit_epoch:
+      for key in ('stages', 'warm_start_stages'):
+        # a schedule without an end-to-end stage is audited by the probe (the Trainer says so)
+        first = next((st for st in getattr(self, key) if st.kind == END_TO_END), None)
+        if first is not None and self.label_audit_epoch >= first.epochs:
+          raise ValueError(
+              f'model.label_audit_epoch {self.label_audit_epoch}: the first end-to-end stage of '
+              f'model.{key} ({first.name}) has {first.epochs} epochs; the audit happens inside '
+              'its training, so it needs more')
     return self
 
 

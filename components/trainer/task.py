@@ -273,8 +273,13 @@ class Training:
     found once per run and kept in the history, so a resumed run leaves out the same photos."""
     if not self.mc.drop_label_issues or self.excluded is not None:
       return
-    ads_of = LN.photo_ads(self.train_files)
     found = self.history.get('label_issues')
+    if found is None and self._in_training_audit() is not None:
+      return  # found inside the first end-to-end stage (_audit_in_training)
+    if found is None and self.mc.label_audit_epoch:
+      say('Trainer: label audit by the frozen network\'s probes: this schedule has no '
+          'end-to-end stage for model.label_audit_epoch')
+    ads_of = LN.photo_ads(self.train_files)
     if found is None:
       if self.cache is None:
         self.cache = self._build_cache()
@@ -287,9 +292,43 @@ class Training:
       self.history['label_issues'] = found
       say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
           'contradict their label (out-of-fold audit): trained without them')
+    self._exclude(found, ads_of)
+
+  def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
     flagged = set(found['ads'])
     self.excluded = np.array(sorted(p for p, a in ads_of.items() if a in flagged), np.int64)
     found['photos_left_out'] = int(len(self.excluded))
+
+  def _in_training_audit(self) -> Optional[int]:
+    """The index of the stage whose training audits the train ads (label_audit_epoch),
+    None when the audit is the frozen network's probe or off."""
+    if not (self.mc.drop_label_issues and self.mc.label_audit_epoch):
+      return None
+    return next((i for i, st in enumerate(self.stages) if st.kind == C.END_TO_END), None)
+
+  def _audit_in_training(self, stage, at: int) -> None:
+    """label_audit_epoch: the network after that many epochs of this stage scores the clean
+    view of every train photo; cleanlab flags the ads from their photos' mean probabilities
+    (label_noise.flag_ads), and the stage goes on without them. Scored in-sample, but before
+    the network had time to memorise the exceptions; kept in the history, so a run resumed
+    after this point leaves out the same ads."""
+    ts = time.time()
+    ads_of = LN.photo_ads(self.train_files)
+    f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
+    probs, classes, keys = [], [], []
+    for x, y in self.data(self.train_files, False, at=at, keyed=True):
+      probs.append(f(x).numpy())
+      classes.append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
+      keys.append(y['key'].numpy() // D.MAX_VIEWS)
+    groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
+    found = {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups),
+             'train_ads': int(len(set(groups.tolist()))),
+             'by': f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}',
+             'seconds': round(time.time() - ts, 1)}
+    self.history['label_issues'] = found
+    self._exclude(found, ads_of)
+    say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
+        f"contradict their label ({found['by']}): the stage goes on without them")
 
   def _keep(self, labels) -> Optional[np.ndarray]:
     """Row mask of cached activations without the excluded photos (None: all rows)."""
@@ -383,7 +422,11 @@ class Training:
     if at != self.size and self.full.input_shape[1] is not None:
       raise ValueError(f'stage {stage.name}: image_size {at} needs a backbone of any input '
                        f'size (EfficientNet-Lite); {self.mc.backbone} is built at {self.size}')
-    left_out = len(self.excluded) if self.excluded is not None else 0
+    audit = (self.mc.label_audit_epoch if self._in_training_audit() == index
+             and 'label_issues' not in self.history else None)
+    # An epoch of the auditing stage stays its steps before the audit: one schedule.
+    left_out = (len(self.excluded) if self.excluded is not None
+                and self._in_training_audit() != index else 0)
     per_epoch = max(1, (self.n_train - left_out) // self.batch)
     co = self._co_tuning()
     # With Co-Tuning the stage trains `full` inside a model that also has the ImageNet head
@@ -402,15 +445,30 @@ class Training:
     if mid:
       net.optimizer.build(net.trainable_variables)
       resume.Checkpoints.restore(mid['path'], net, net.optimizer)
-    train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
-                      light=stage.augment == 'light', exclude=self.excluded)
-    if co:
-      train = CT.with_target(train)
-    net.fit(train, steps_per_epoch=per_epoch, epochs=stage.epochs,
-                  initial_epoch=mid['epoch'] if mid else 0, validation_data=self.validation,
-                  callbacks=[stop, saver, self.tb,
-                             Progress(stage.name, stage.epochs, mid['epoch'] if mid else 0)],
-                  verbose=0)
+    start = mid['epoch'] if mid else 0
+    if audit is not None and start >= audit:  # resumed after the audit's epoch, before its record
+      self._audit_in_training(stage, at)
+      audit = None
+    # Up to the audit's epoch on every train photo, then on the photos left (a second fit:
+    # the optimizer, its schedule and the early-stopping state go on).
+    net.stop_training = False  # an earlier stage's early stop is not this one's
+    for end in ([audit] if audit is not None else []) + [stage.epochs]:
+      if end > start and not net.stop_training:
+        train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
+                          light=stage.augment == 'light', exclude=self.excluded)
+        if co:
+          train = CT.with_target(train)
+        net.fit(train, steps_per_epoch=per_epoch, epochs=end, initial_epoch=start,
+                validation_data=self.validation,
+                callbacks=[stop, saver, self.tb, Progress(stage.name, stage.epochs, start)],
+                verbose=0)
+        if end == audit and not net.stop_training:
+          stop = resume.ResumableStop(restored=stop.state(), best_weights=stop.best_weights,
+                                      monitor='val_class_top1', mode='max',
+                                      patience=stop.patience, restore_best_weights=True)
+          saver.stop = stop
+          self._audit_in_training(stage, at)
+        start = end
     return _History(dict(saver.history, image_size=at))
 
   def stage(self, stage, index: int = 0) -> None:
