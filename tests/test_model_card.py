@@ -16,6 +16,8 @@ def _inputs(**over):
                                               'seconds': 3.0, 'loss': [2.0, 1.0]},
                                      'body': {'class_top1': [0.5], 'val_class_top1': [0.35],
                                               'image_size': 224, 'rolled_back': True, 'seconds': 9.0},
+                                     'co_tuning': {'weight': 2.3, 'target_entropy': 3.9},
+                                     'label_issues': {'ads': [11, 12], 'train_ads': 9, 'by': 'b'},
                                      'cache_seconds': 1.5}}}
   judged = {'split': 'test', 'gate': {'top1_min': 0.8},
             'checks': {'top1_accuracy': {'value': 0.81, 'threshold': 0.8, 'pass': True}},
@@ -45,6 +47,8 @@ def test_card_names_splits_figures_and_how_it_was_trained():
   assert card['training']['stages']['body'] == {'val_class_top1': [0.35], 'image_size': 224,
                                                 'rolled_back': True, 'seconds': 9.0}
   assert card['training']['stages']['cache_seconds'] == 1.5
+  assert card['training']['stages']['co_tuning'] == {'weight': 2.3, 'target_entropy': 3.9}
+  assert card['training']['stages']['label_issues'] == {'ads': 2, 'train_ads': 9, 'by': 'b'}
   assert card['decision']['class_min_confidence'] == 0.6
   assert card['contract']['test_time_views'] == ['full', 'flip'] and card['contract']['labels'] == 10
   assert card['quantisation']['int8_float_layers'] == [{'layer': 'a'}]

@@ -51,6 +51,15 @@ def examples_fingerprint(examples_uri: str) -> str:
   return h.hexdigest()
 
 
+def _stage_record(s):
+  if isinstance(s, dict) and 'val_class_top1' in s:
+    return {m: v for m, v in s.items()
+            if m in ('seconds', 'rolled_back', 'image_size', 'val_class_top1')}
+  if isinstance(s, dict):
+    return {m: len(v) if isinstance(v, list) else v for m, v in s.items()}
+  return s
+
+
 def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, ingest: Dict,
                version: str, n_labels: int, examples_fingerprint: Optional[str],
                model_uri: str, now: datetime.datetime) -> Dict:
@@ -101,11 +110,9 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'training': {'seconds': history.get('train_seconds'),  # summed over resumed attempts
                    'resumed': history.get('stages', {}).get('resumed'),
                    'warm_start': history.get('warm_start'),
-                   # per stage: seconds, train size, roll-back, validation top-1 by epoch
-                   'stages': {k: ({m: v for m, v in s.items()
-                                   if m in ('seconds', 'rolled_back', 'image_size',
-                                            'val_class_top1')}
-                                  if isinstance(s, dict) else s)
+                   # per stage: seconds, train size, roll-back, validation top-1 by epoch;
+                   # the other records (Co-Tuning, the label audit) as they are, ad lists counted
+                   'stages': {k: _stage_record(s)
                               for k, s in history.get('stages', {}).items() if k != 'resumed'}},
       'config': extras.get('config', training.get('config')),
       'code_version': extras.get('code_version'),
