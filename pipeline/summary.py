@@ -199,5 +199,5 @@ def next_steps(s: Dict[str, Any]) -> List[str]:
     out.append('  see why in the report above; the shipped model answers meanwhile:')
     out.append(f'  bin/carvision predict {photo}')
   out.append('  bin/carvision run --config car_ads --data ../shared/data/car_ads   # the 196-class '
-             'production recipe (about 2 h on 2 AVX-512 cores; a stop resumes)')
+             'production recipe (about 75 min on 2 AVX-512 cores; a stop resumes)')
   return out
