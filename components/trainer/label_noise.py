@@ -72,5 +72,8 @@ def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray) -> List
   mean /= np.bincount(index, minlength=len(ads))[:, None]
   listed = np.zeros(len(ads), np.int64)
   listed[index] = classes
-  issues = find_label_issues(listed, mean.astype(np.float32), filter_by='prune_by_noise_rate')
+  # n_jobs=1: no worker processes forked from the Trainer's (TensorFlow, signal handlers);
+  # a few thousand ads take well under a second in one process.
+  issues = find_label_issues(listed, mean.astype(np.float32), filter_by='prune_by_noise_rate',
+                             n_jobs=1)
   return sorted(int(a) for a in ads[issues])
