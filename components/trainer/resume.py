@@ -124,12 +124,16 @@ class Checkpoints:
 
 
 class ResumableStop(keras.callbacks.EarlyStopping):
-  """EarlyStopping whose counters and best weights survive a stop (`state` / `restored`)."""
+  """EarlyStopping whose counters and best weights survive a stop (`state` / `restored`)
+  and, with `paused` set, the end of one `fit` of a stage that another `fit` continues (the
+  label audit splits a stage in two): the weights are then not rolled back to the best
+  epoch in between, and the next `fit` starts from this one's counters."""
 
   def __init__(self, restored: Optional[Dict[str, Any]] = None,
                best_weights: Optional[List[np.ndarray]] = None, **kw):
     super().__init__(**kw)
     self._restored, self._restored_weights = restored, best_weights
+    self.paused = False
 
   def on_train_begin(self, logs=None):
     super().on_train_begin(logs)
@@ -138,6 +142,12 @@ class ResumableStop(keras.callbacks.EarlyStopping):
       self.best = float(self._restored['best'])
       self.best_epoch = int(self._restored.get('best_epoch', 0))
       self.best_weights = self._restored_weights
+
+  def on_train_end(self, logs=None):
+    if self.paused and not self.model.stop_training:
+      self._restored, self._restored_weights = self.state(), self.best_weights
+      return
+    super().on_train_end(logs)
 
   def state(self) -> Dict[str, Any]:
     return {'wait': int(self.wait), 'best': float(self.best),

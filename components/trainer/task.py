@@ -458,15 +458,12 @@ class Training:
                           light=stage.augment == 'light', exclude=self.excluded)
         if co:
           train = CT.with_target(train)
+        stop.paused = end < stage.epochs
         net.fit(train, steps_per_epoch=per_epoch, epochs=end, initial_epoch=start,
                 validation_data=self.validation,
                 callbacks=[stop, saver, self.tb, Progress(stage.name, stage.epochs, start)],
                 verbose=0)
         if end == audit and not net.stop_training:
-          stop = resume.ResumableStop(restored=stop.state(), best_weights=stop.best_weights,
-                                      monitor='val_class_top1', mode='max',
-                                      patience=stop.patience, restore_best_weights=True)
-          saver.stop = stop
           self._audit_in_training(stage, at)
         start = end
     return _History(dict(saver.history, image_size=at))
