@@ -52,6 +52,7 @@ def examples_fingerprint(examples_uri: str) -> str:
 
 
 def _stage_record(s):
+  """A training stage's record for the card, or another history record with lists counted."""
   if isinstance(s, dict) and 'val_class_top1' in s:
     return {m: v for m, v in s.items()
             if m in ('seconds', 'rolled_back', 'image_size', 'val_class_top1')}
