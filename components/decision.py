@@ -158,17 +158,24 @@ def evaluate(probs: np.ndarray, labels: Sequence[str], truth_idx: np.ndarray,
 
 
 def choose_thresholds(probs: np.ndarray, labels: Sequence[str], truth_idx: np.ndarray,
-                      target_precision: float) -> Dict:
-  """Thresholds for `decide` chosen on validation: the lowest that keep class (make)
-  answers right `target_precision` of the time; 1.0 (never) when none does."""
+                      target_precision: float, class_min: Optional[float] = None) -> Dict:
+  """Thresholds for `decide` chosen on validation: the lowest class threshold that keeps class
+  answers right `target_precision` of the time (or the given `class_min`), then the lowest make threshold that keeps the
+  make answers `decide` gives (photos below the class threshold, the hard ones) right as often;
+  1.0 (never) when none does. Chosen over all photos, the make threshold would be set by the
+  easy photos the class answer already takes."""
   keep = np.asarray(truth_idx) >= 0
   probs, truth_idx = np.asarray(probs)[keep], np.asarray(truth_idx)[keep]
   td = top_down(probs, labels)
   _, idx = make_index(labels)
-  tc = threshold_for_precision(td['class_confidence'], td['class'] == truth_idx, target_precision)
-  tm = threshold_for_precision(td['make_confidence'], td['make'] == idx[truth_idx],
-                               target_precision)
-  return {'class_min_confidence': 1.0 if tc is None else round(tc, 6),
+  if class_min is None:
+    tc = threshold_for_precision(td['class_confidence'], td['class'] == truth_idx,
+                                 target_precision)
+    class_min = 1.0 if tc is None else round(tc, 6)
+  left = td['class_confidence'] < class_min
+  tm = threshold_for_precision(td['make_confidence'][left],
+                               (td['make'] == idx[truth_idx])[left], target_precision)
+  return {'class_min_confidence': class_min,
           'make_min_confidence': 1.0 if tm is None else round(tm, 6),
           'target_precision': target_precision, 'chosen_on': 'validation',
-          'photos': int(len(probs))}
+          'photos': int(len(probs)), 'photos_below_class_min': int(left.sum())}

@@ -119,3 +119,34 @@ def test_thresholds_config_wins_over_the_models_own():
   got = scoring.thresholds(cfg, saved)
   assert got['class_min_confidence'] == 0.9 and got['make_min_confidence'] == 0.4
   assert scoring.thresholds(ServeConfig(), None)['class_min_confidence'] is None
+
+
+def test_the_make_threshold_keeps_the_make_answers_decide_gives_right():
+  """The make threshold is chosen on the photos the class threshold leaves to it. 60 easy
+  photos (class and make right, confident) and 40 hard ones (class wrong, make 0.6-0.9 and
+  right on half): over all photos any make threshold is >= 95 % right, over the hard
+  ones only none is, so make answers must not be given."""
+  rng = np.random.default_rng(3)
+  easy = np.tile([0.97, 0.01, 0.01, 0.005, 0.005], (60, 1))
+  hard, truth_hard = [], []
+  for i in range(40):
+    make_p = 0.6 + 0.3 * rng.random()
+    row = np.array([make_p / 2, make_p / 2, (1 - make_p) / 2, (1 - make_p) / 2, 0.0])
+    hard.append(row)
+    truth_hard.append(1 if i % 2 else 2)  # the class guess (Audi A4) wrong; Audi A6 or BMW
+  probs = np.vstack([easy, np.array(hard)])
+  truth = np.array([0] * 60 + truth_hard)
+  got = D.choose_thresholds(probs, LABELS, truth, 0.95)
+  assert got['photos_below_class_min'] >= 37  # at most 3 wrong class answers beside 60 right
+  assert got['make_min_confidence'] == 1.0
+  out = D.evaluate(probs, LABELS, truth, got['class_min_confidence'], got['make_min_confidence'])
+  assert out['decision']['make']['share'] == 0.0
+  # a configured class threshold is the one the make threshold is chosen under
+  assert D.choose_thresholds(probs, LABELS, truth, 0.95, class_min=0.5)[
+      'photos_below_class_min'] == 40
+  # when the hard photos' make is right, their make answers are given
+  truth[60:] = 1
+  got = D.choose_thresholds(probs, LABELS, truth, 0.95)
+  assert got['make_min_confidence'] < 0.9
+  out = D.evaluate(probs, LABELS, truth, got['class_min_confidence'], got['make_min_confidence'])
+  assert out['decision']['make']['accuracy'] == 1.0 and out['decision']['make']['share'] > 0.3

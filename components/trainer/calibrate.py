@@ -55,8 +55,11 @@ def serve_thresholds(serve_cfg, probs: np.ndarray, truth: np.ndarray,
   validation split for `serve.target_precision` (components/decision); `serve_cfg`: the typed
   components.trainer.config.ServeConfig."""
   target = float(serve_cfg.target_precision)
-  chosen = decision.choose_thresholds(probs, labels, truth, target)
-  out = {'target_precision': target, 'validation_photos': chosen['photos'], 'chosen_on': {}}
+  fixed_class = serve_cfg.class_min_confidence
+  chosen = decision.choose_thresholds(probs, labels, truth, target,
+                                      None if fixed_class is None else float(fixed_class))
+  out = {'target_precision': target, 'validation_photos': chosen['photos'],
+         'validation_photos_below_class_min': chosen['photos_below_class_min'], 'chosen_on': {}}
   for key in ('class_min_confidence', 'make_min_confidence'):
     fixed = getattr(serve_cfg, key)
     out[key] = float(fixed) if fixed is not None else chosen[key]
