@@ -24,7 +24,7 @@ _cli = run_cli
 
 def test_files_match_the_card_and_fit_a_phone():
   card = _card()
-  for name in ('model.tflite', 'labels.txt'):
+  for name in card['files']:
     path = os.path.join(SHIPPED, name)
     with open(path, 'rb') as f:
       data = f.read()
@@ -92,19 +92,6 @@ def test_shipped_model_passes_the_gates_on_the_test_split_again():
   assert m['top1_accuracy'] >= 0.80 and m['top5_accuracy'] >= 0.95, m
 
 
-def _todays_card() -> bool:
-  if not os.path.exists(os.path.join(SHIPPED, 'model_card.json')):
-    return False
-  return _card().get('splits', {}).get('judged_on') == 'test'
-
-
-# The model shipped today predates three splits, seen_ads.json and warm_start.npz; these apply
-# from the next blessed one-command model on (issue #24 part 1, scripts/ship_model.py).
-todays_format = pytest.mark.skipif(not _todays_card(), reason='models/car_ads predates the '
-                                   'one-command card (three splits, both heads, weights file)')
-
-
-@todays_format
 def test_card_of_the_one_command_from_imagenet_weights():
   card = _card()
   ev = card['metrics']['test']
@@ -116,9 +103,13 @@ def test_card_of_the_one_command_from_imagenet_weights():
   assert card['machine']['cores'] >= 1 and 'cpu_flags' in card['machine']
   assert card['calibration']['split'] == 'validation'
   assert card['decision']['class_min_confidence'] is not None
+  # the thresholds the app reads are the card's, their make answers judged as decide() gives them
+  assert json.load(open(os.path.join(SHIPPED, 'serve.json'))) == card['decision']
+  dec = card['metrics']['test']['int8_tflite']['answers']['decision']
+  assert dec['make_min_confidence'] == card['decision']['make_min_confidence']
+  assert dec['class']['accuracy'] >= 0.93 and dec['make']['accuracy'] >= 0.90
 
 
-@todays_format
 def test_it_ships_what_the_pipeline_pushes():
   """Both heads, the decision thresholds, the ads it saw, the weights a warm start continues."""
   import numpy as np
