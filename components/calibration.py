@@ -34,6 +34,35 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
   return float(total)
 
 
+def ece_floor(probs: np.ndarray, bins: int = BINS, draws: int = 500, seed: int = 0) -> float:
+  """The mean ECE a perfectly calibrated model with these top-1 confidences scores on this
+  many photos: the binned estimate is biased upward on a few hundred photos a bin, so an
+  ECE near this floor cannot be told apart from perfect calibration."""
+  return float(perfect_calibration_eces(probs, bins, draws, seed).mean())
+
+
+def perfect_calibration_eces(probs: np.ndarray, bins: int = BINS, draws: int = 500,
+                             seed: int = 0) -> np.ndarray:
+  """`draws` ECEs of a model with these top-1 confidences whose answers are each right with
+  probability = their confidence (binned as `ece` bins them)."""
+  conf = np.asarray(probs, np.float64).max(axis=1)
+  if len(conf) == 0:
+    return np.full(draws, np.nan)
+  rng = np.random.default_rng(seed)
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+  total = np.zeros(draws)
+  for b in range(bins):
+    c = conf[which == b]
+    if not len(c):
+      continue
+    right = np.zeros(draws)
+    for i in range(0, len(c), 4096):  # bounded memory on large evaluation sets
+      right += (rng.random((draws, len(c[i:i + 4096]))) < c[i:i + 4096]).sum(axis=1)
+    total += len(c) / len(conf) * np.abs(right / len(c) - c.mean())
+  return total
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> Dict[str, list]:
   """Per confidence bin: photos, mean confidence, accuracy (the reliability diagram)."""
   probs = np.asarray(probs, np.float64)

@@ -92,6 +92,9 @@ def write_report(out_dir: str, title: str, metrics: Dict, checks: Dict[str, Dict
          f"<h2>Most confused class pairs</h2><table border=1 cellpadding=4><tr><th>true</th>"
          f"<th>predicted</th><th>photos</th></tr>{conf}</table>"
          f"<h2>Calibration: top-1 confidence vs accuracy (ECE {metrics.get('ece')})</h2>"
+         + (f"<p>A perfectly calibrated model would score ECE {metrics['ece_floor']:.4f} on "
+            'this many photos (the binned estimate is biased upward on few photos).</p>'
+            if metrics.get('ece_floor') is not None else '') +
          f"<table border=1 cellpadding=4><tr><th>confidence from</th><th>photos</th>"
          f"<th>mean confidence</th><th>accuracy</th></tr>{bins}</table>"
          f"<h2>Answers: share answered at a target precision</h2>{decided}"

@@ -57,6 +57,8 @@ def score(probs: np.ndarray, labels: List[str], truth: Sequence[str],
          'unknown_classes': int((y < 0).sum()),
          # calibration of the top-1 probability (15 bins), photos of known classes
          'ece': calibration.ece(probs[y >= 0], y[y >= 0]) if (y >= 0).any() else None,
+         # what a perfectly calibrated model would score here: ECE's floor at this size
+         'ece_floor': calibration.ece_floor(probs[y >= 0]) if (y >= 0).any() else None,
          # the reliability diagram behind it: per confidence bin, photos / confidence / accuracy
          'reliability': (calibration.reliability(probs[y >= 0], y[y >= 0])
                          if (y >= 0).any() else None),

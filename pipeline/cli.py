@@ -429,8 +429,8 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK if passed else EXIT_NOT_BLESSED
   print(json.dumps({**{k: metrics[k] for k in ('examples', 'top1_accuracy', 'top5_accuracy',
                                                'make_accuracy', 'per_ad', 'skipped',
-                                               'unknown_classes', 'ece', 'answers',
-                                               'worst_makes')},
+                                               'unknown_classes', 'ece', 'ece_floor',
+                                               'answers', 'worst_makes')},
                     'known_classes': metrics.get('known_classes'),
                     'unknown_class_photos': metrics.get('unknown_class_photos'),
                     'unknown_class_names': unknown[:50],

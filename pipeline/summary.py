@@ -74,7 +74,7 @@ def summarize(cfg: Config) -> Dict[str, Any]:
       'int8_gate': judged.get('checks', {}),
       'int8_metrics': {k: m.get(k) for k in ('examples', 'top1_accuracy', 'top5_accuracy',
                                             'make_accuracy', 'per_ad', 'float', 'ece',
-                                            'fast')},
+                                            'ece_floor', 'fast')},
       'answers': m.get('answers'),
       'report': os.path.join(lite_eval.uri, names.REPORT_HTML) if judged else None,
       # TFMA's verdict on the float SavedModel (pass/fail as TFMA decided it).
@@ -151,7 +151,9 @@ def format_summary(s: Dict[str, Any]) -> str:
                    f"top-1 {ad.get('top1_accuracy', float('nan')):.4f} top-5 "
                    f"{ad.get('top5_accuracy', float('nan')):.4f} over {ad.get('examples')} ads")
       if im.get('ece') is not None:
-        lines.append(f"    calibration error (ECE, 15 bins) {im['ece']:.4f}")
+        floor = (f" (a perfectly calibrated model would score about {im['ece_floor']:.4f} on "
+                 'these photos)') if im.get('ece_floor') is not None else ''
+        lines.append(f"    calibration error (ECE, 15 bins) {im['ece']:.4f}{floor}")
     dec = (s.get('answers') or {}).get('decision')
     if dec:
       lines.append(f"    answers (class >= {dec['class_min_confidence']:.3f}, else make >= "

@@ -59,7 +59,29 @@ def test_scores_and_report_carry_the_reliability_diagram(tmp_path):
   m = scoring.score(probs, labels, ['A|a|1', 'B|b|1', 'B|b|1', 'X|x|1'], groups=[1, 2, 2, 3])
   assert m['unknown_classes'] == 1 and sum(m['reliability']['photos']) == 3
   assert abs(m['ece'] - calibration.ece(probs[:3], np.array([0, 1, 1]))) < 1e-12
+  assert 0 < m['ece_floor'] < 1
   checks = scoring.verdicts(m, {'top1_accuracy': 0.5})
   page = report.write_report(str(tmp_path), 'probe', m, checks)[0]
   assert 'Calibration: top-1 confidence vs accuracy' in open(page).read()
   assert scoring.score(probs[:0], labels, [])['reliability'] is None
+
+
+def test_ece_floor_is_what_a_perfectly_calibrated_model_scores():
+  """Answers drawn right with probability = confidence score about the floor; the floor
+  shrinks as the photos grow and stays below a miscalibrated model's ECE."""
+  rng = np.random.default_rng(5)
+  probs = rng.dirichlet(np.ones(30) * 0.1, 1300)
+  floor = calibration.ece_floor(probs)
+  top = probs.argmax(1)
+  scores = []
+  for seed in range(40):
+    r = np.random.default_rng(100 + seed)
+    right = r.random(len(probs)) < probs.max(1)
+    labels = np.where(right, top, (top + 1) % 30)
+    scores.append(calibration.ece(probs, labels))
+  assert 0.01 < floor < 0.05
+  assert abs(np.mean(scores) - floor) < 0.004
+  assert calibration.ece_floor(np.tile(probs, (10, 1))) < floor / 2.5
+  sharpened = calibration.softmax(3 * np.log(probs + 1e-12))  # overconfident, same answers
+  assert calibration.ece(sharpened, labels) > 3 * calibration.ece_floor(sharpened)
+  assert np.isnan(calibration.ece_floor(probs[:0]))

@@ -84,7 +84,8 @@ def model_card(*, training: Dict, judged: Dict, extras: Dict, files: Dict, inges
       'metrics': {judged['split']: {
           'int8_tflite': {k: judged['metrics'][k] for k in
                           ('examples', 'top1_accuracy', 'top5_accuracy', 'make_accuracy',
-                           'per_ad', 'unknown_classes', 'ece', 'answers', 'worst_makes')
+                           'per_ad', 'unknown_classes', 'ece', 'ece_floor', 'answers',
+                           'worst_makes')
                           if k in judged['metrics']},
           'float_savedmodel': judged['metrics'].get('float'),
           'int8_tflite_fast': fast or None},
