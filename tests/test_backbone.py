@@ -101,6 +101,29 @@ def test_split_network_equals_whole():
   assert not base.get_layer('head_conv').get_weights()[0].any()
 
 
+def test_stochastic_depth_drops_residual_branches_in_training_only():
+  """Same weights with and without it; at inference the same answers, in training some
+  photos' residual branches are dropped (a different output), and none without residuals."""
+  import tensorflow as tf
+  variant, size = 'efficientnet_lite0', 224
+  plain = el.pretrained(variant, (size, size, 3))
+  deep = el.pretrained(variant, (size, size, 3), stochastic_depth=0.5)
+  drops = [l for l in deep.layers if l.name.endswith('_drop')]
+  residual = [l for l in deep.layers if l.name.endswith('_add')]
+  assert drops and len(drops) == len(residual)
+  assert not any(l.name.endswith('_drop') for l in plain.layers)
+  assert drops[-1].rate > drops[0].rate and drops[-1].rate < 0.5
+  x = el.normalise(_photos(size, n=2))
+  np.testing.assert_allclose(deep(x, training=False).numpy(), plain(x).numpy(), atol=1e-5)
+  for m in (plain, deep):  # as the Trainer runs them: BatchNormalization frozen
+    for layer in m.layers:
+      if isinstance(layer, tf.keras.layers.BatchNormalization) or 'BatchNorm' in type(layer).__name__:
+        layer.trainable = False
+  np.testing.assert_allclose(plain(x, training=True).numpy(), plain(x).numpy(), atol=1e-5)
+  tf.random.set_seed(0)
+  assert np.abs(deep(x, training=True).numpy() - plain(x).numpy()).max() > 1e-3
+
+
 def test_tf_checkpoint_with_official_names_converts_exactly(tmp_path):
   """A checkpoint written under the official tensorflow/tpu names (EMA shadows preferred)."""
   import tensorflow as tf

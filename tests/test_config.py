@@ -30,6 +30,8 @@ from carvision.pipeline import config
       'model.stages': [{'name': 'b', 'trainable': 'all', 'image_size': 200}]},
      'only EfficientNet-Lite backbones take any size'),
     ({'model.distribute': 'horovod'}, "model.distribute='horovod': one of auto"),
+    ({'model.backbone': 'efficientnet_b0', 'model.stochastic_depth': 0.2},
+     'model.stochastic_depth: only EfficientNet-Lite backbones have it'),
     ({'model.co_tuning': -1}, 'model.co_tuning=-1: Input should be greater than or equal to 0'),
     ({'model.drop_label_issues': True, 'model.label_audit_epoch': 30,
       'model.stages': [{'name': 'b', 'trainable': 'top_blocks', 'top_blocks': 2, 'epochs': 30}]},

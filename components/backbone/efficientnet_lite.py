@@ -72,8 +72,9 @@ def normalise(pixels):
 
 
 def build(variant: str, input_shape: Tuple[int, int, int] = (None, None, 3),
-          include_top: bool = False, name: Optional[str] = None):
-  """The backbone as a tf_keras Model: normalised image -> pooled features (or ImageNet logits)."""
+          include_top: bool = False, name: Optional[str] = None, stochastic_depth: float = 0.0):
+  """The backbone as a tf_keras Model: normalised image -> pooled features (or ImageNet logits).
+  `stochastic_depth`: the drop rate of the last residual block (see _blocks)."""
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
   layers = keras.layers
   if variant not in VARIANTS:
@@ -82,20 +83,26 @@ def build(variant: str, input_shape: Tuple[int, int, int] = (None, None, 3),
   bn = lambda y, n: layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=n)(y)
   x = layers.Conv2D(32, 3, strides=2, padding='same', use_bias=False, name='stem_conv')(inp)
   x = layers.ReLU(6.0, name='stem_relu')(bn(x, 'stem_bn'))
-  x = _blocks(x, variant, 0)
+  x = _blocks(x, variant, 0, stochastic_depth)
   x = _head(x, include_top)
   return keras.Model(inp, x, name=name or variant)
 
 
-def _blocks(x, variant: str, start: int):
-  """MBConv blocks `start`.. of `variant` applied to x (names shared with the full graph)."""
+def _blocks(x, variant: str, start: int, stochastic_depth: float = 0.0):
+  """MBConv blocks `start`.. of `variant` applied to x (names shared with the full graph).
+
+  Stochastic depth: in training, each residual block's branch is dropped for a whole photo
+  with a rate rising linearly to `stochastic_depth` at the last block (the survivors scaled
+  up), a regulariser for fine-tuning on few photos; at inference the blocks are as trained.
+  0 adds no layer."""
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
   layers = keras.layers
 
   def bn(y, n):
     return layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=n)(y)
 
-  for i, (k, s, e, fin, fout) in enumerate(block_plan(variant)):
+  plan = block_plan(variant)
+  for i, (k, s, e, fin, fout) in enumerate(plan):
     if i < start:
       continue
     p = f'block{i}_'
@@ -108,6 +115,9 @@ def _blocks(x, variant: str, start: int):
     x = layers.Conv2D(fout, 1, padding='same', use_bias=False, name=p + 'project_conv')(x)
     x = bn(x, p + 'project_bn')
     if s == 1 and fin == fout:
+      rate = stochastic_depth * i / len(plan)
+      if rate > 0:
+        x = layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=p + 'drop')(x)
       x = layers.Add(name=p + 'add')([x, shortcut])
   return x
 
@@ -227,9 +237,10 @@ def load_pytorch_weights(model, path: str) -> None:
     raise ValueError(f'{path} has {expected_blocks} blocks, the {model.name} graph has {n_blocks}')
 
 
-def pretrained(variant: str, input_shape=(None, None, 3), include_top: bool = False):
+def pretrained(variant: str, input_shape=(None, None, 3), include_top: bool = False,
+               stochastic_depth: float = 0.0):
   """The backbone with converted ImageNet weights."""
-  full = build(variant, input_shape, include_top=True)
+  full = build(variant, input_shape, include_top=True, stochastic_depth=stochastic_depth)
   load_pytorch_weights(full, pytorch_weights_path(variant))
   if include_top:
     return full

@@ -78,6 +78,9 @@ class ModelConfig:
   seed: NonNegative = 7
   label_smoothing: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.1
   dropout: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.3
+  # Stochastic depth of the EfficientNet-Lite backbone in end-to-end stages: the last
+  # residual block's drop rate (earlier blocks less, linearly); 0 = off.
+  stochastic_depth: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.0
   stages: List[StageConfig] = dataclasses.field(default_factory=list)
   early_stopping_patience: NonNegative = 3
   # End-to-end stages write a checkpoint after an epoch at most this often (model, optimizer,
@@ -153,6 +156,9 @@ class ModelConfig:
             and self.backbone not in efficientnet_lite.VARIANTS):
           raise ValueError(f'{where}: image_size {st.image_size} differs from model.image_size '
                            f'{self.image_size}; only EfficientNet-Lite backbones take any size')
+    if self.stochastic_depth and self.backbone not in efficientnet_lite.VARIANTS:
+      raise ValueError(f'model.stochastic_depth: only EfficientNet-Lite backbones have it, '
+                       f'not {self.backbone}')
     if self.drop_label_issues and self.label_audit_epoch:
       for key in ('stages', 'warm_start_stages'):
         # a schedule without an end-to-end stage is audited by the probe (the Trainer says so)

@@ -19,8 +19,10 @@ def raw_pixel_input(name: str) -> bool:
   return name in tf_checkpoint.VARIANTS
 
 
-def backbone(name: str, weights: Optional[str], size: int) -> keras.Model:
-  """The ImageNet (or untrained, weights 'none') network `name`; model.backbone/weights/image_size."""
+def backbone(name: str, weights: Optional[str], size: int,
+             stochastic_depth: float = 0.0) -> keras.Model:
+  """The ImageNet (or untrained, weights 'none') network `name`; model.backbone/weights/image_size
+  and model.stochastic_depth (EfficientNet-Lite only)."""
   if raw_pixel_input(name):
     from carvision.components.backbone import tf_checkpoint  # pylint: disable=g-import-not-at-top
     if weights in (None, 'none'):
@@ -32,9 +34,9 @@ def backbone(name: str, weights: Optional[str], size: int) -> keras.Model:
   # Any input size (fully convolutional): stages may train at a lower size than the one
   # served (FixRes); exported files fix the serving size in their signatures.
   if weights == 'imagenet':
-    return el.pretrained(name, (None, None, 3))
+    return el.pretrained(name, (None, None, 3), stochastic_depth=stochastic_depth)
   if weights in (None, 'none'):
-    return el.build(name, (None, None, 3))
+    return el.build(name, (None, None, 3), stochastic_depth=stochastic_depth)
   raise ValueError(f"model.weights must be 'imagenet' or 'none', got {weights!r}")
 
 

@@ -132,7 +132,8 @@ class Training:
     self.opened = D.check_inputs(self.train_files, self.eval_files)
     logging.info('classes=%d makes=%d train files=%s', self.n_classes, self.n_makes,
                  self.train_files)
-    self.base = M.backbone(self.mc.backbone, self.mc.weights, self.mc.image_size)
+    self.base = M.backbone(self.mc.backbone, self.mc.weights, self.mc.image_size,
+                           self.mc.stochastic_depth)
     self.head = M.heads(int(self.base.output.shape[-1]), self.n_classes, self.n_makes,
                         self.mc.dropout)
     self.full = M.classifier(self.base, self.head, self.size)
