@@ -15,6 +15,12 @@ import numpy as np
 BINS = 15
 
 
+def _bin_of(conf: np.ndarray, bins: int) -> np.ndarray:
+  """The equal-width confidence bin of each top-1 confidence (0..bins-1)."""
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  return np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+
+
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
   """Expected calibration error: |accuracy - confidence| of the top-1 answer, averaged over
   `bins` equal-width confidence bins weighted by their share of photos."""
@@ -24,8 +30,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
     return float('nan')
   conf = probs.max(axis=1)
   right = probs.argmax(axis=1) == labels
-  edges = np.linspace(0.0, 1.0, bins + 1)
-  which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+  which = _bin_of(conf, bins)
   total = 0.0
   for b in range(bins):
     sel = which == b
@@ -49,8 +54,7 @@ def perfect_calibration_eces(probs: np.ndarray, bins: int = BINS, draws: int = 5
   if len(conf) == 0:
     return np.full(draws, np.nan)
   rng = np.random.default_rng(seed)
-  edges = np.linspace(0.0, 1.0, bins + 1)
-  which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+  which = _bin_of(conf, bins)
   total = np.zeros(draws)
   for b in range(bins):
     c = conf[which == b]
@@ -68,9 +72,9 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> Dict
   probs = np.asarray(probs, np.float64)
   conf = probs.max(axis=1)
   right = probs.argmax(axis=1) == np.asarray(labels)
-  edges = np.linspace(0.0, 1.0, bins + 1)
-  which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-  out = {'lower': edges[:-1].round(4).tolist(), 'photos': [], 'confidence': [], 'accuracy': []}
+  which = _bin_of(conf, bins)
+  lower = np.linspace(0.0, 1.0, bins + 1)[:-1].round(4).tolist()
+  out = {'lower': lower, 'photos': [], 'confidence': [], 'accuracy': []}
   for b in range(bins):
     sel = which == b
     out['photos'].append(int(sel.sum()))

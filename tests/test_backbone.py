@@ -115,10 +115,9 @@ def test_stochastic_depth_drops_residual_branches_in_training_only():
   assert drops[-1].rate > drops[0].rate and drops[-1].rate < 0.5
   x = el.normalise(_photos(size, n=2))
   np.testing.assert_allclose(deep(x, training=False).numpy(), plain(x).numpy(), atol=1e-5)
-  for m in (plain, deep):  # as the Trainer runs them: BatchNormalization frozen
-    for layer in m.layers:
-      if isinstance(layer, tf.keras.layers.BatchNormalization) or 'BatchNorm' in type(layer).__name__:
-        layer.trainable = False
+  from carvision.components.trainer import model as M
+  for m in (plain, deep):  # as the Trainer trains them: BatchNormalization frozen
+    M.set_trainable(m, 'all')
   np.testing.assert_allclose(plain(x, training=True).numpy(), plain(x).numpy(), atol=1e-5)
   tf.random.set_seed(0)
   assert np.abs(deep(x, training=True).numpy() - plain(x).numpy()).max() > 1e-3
