@@ -334,7 +334,8 @@ def test_cli_predict_and_evaluate(first_run, capsys):
 def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
   """The Trainer's entry point on the first run's Transform output with one stage of each
   kind: heads on pooled activations, top blocks on cached activations, and end to end at a
-  lower size than served (FixRes); the exported files keep the served size."""
+  lower size than served (FixRes); the exported files keep the served size. The end-to-end
+  stage drops its highest-loss photos (model.drop_high_loss), recorded in training.json."""
   import json
   from ai_edge_litert.interpreter import Interpreter
   from tfx import v1 as tfx
@@ -349,7 +350,8 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
              'epochs': 1, 'learning_rate': 1e-4}]
   tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
                                 'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
-                                'model.tflite_representative_samples': 8, **SMALL})
+                                'model.tflite_representative_samples': 8,
+                                'model.drop_high_loss': 0.25, **SMALL})
   out = tmp_path / 'model'
   task.run_fn(tfx.components.FnArgs(
       train_files=[os.path.join(examples, 'Split-train', '*')],
@@ -365,6 +367,7 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
   interp = Interpreter(model_path=str(out / 'tflite' / 'model.tflite'))
   assert list(interp.get_input_details()[0]['shape']) == [1, cfg.model.image_size, cfg.model.image_size, 3]
   assert training['history']['calibration']['split'] == 'validation'
+  assert training['history']['stages']['small_loss'] == {'share': 0.25, 'warmup_epochs': 2}
 
 
 def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tmp_path):

@@ -130,6 +130,12 @@ class ModelConfig:
   # first end-to-end stage, which then goes on without the flagged ads (early learning: a
   # network fits the consistent majority of the labels before it memorises the exceptions).
   label_audit_epoch: NonNegative = 0
+  # Small-loss selection (small_loss.py): end-to-end training steps leave out this share of
+  # each batch, the photos of highest class loss (set it to the expected share of wrong
+  # labels; 0: off), ramped up from 0 over the first drop_high_loss_warmup epochs of the
+  # first end-to-end stage.
+  drop_high_loss: Annotated[float, pydantic.Field(ge=0.0, le=0.5)] = 0.0
+  drop_high_loss_warmup: NonNegative = 2
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 

@@ -32,6 +32,7 @@ from carvision.components.trainer import export
 from carvision.components.trainer import label_noise as LN
 from carvision.components.trainer import model as M
 from carvision.components.trainer import resume
+from carvision.components.trainer import small_loss as SL
 from carvision.components.trainer import warm_start as W
 
 
@@ -433,6 +434,7 @@ class Training:
     # With Co-Tuning the stage trains `full` inside a model that also has the ImageNet head
     # (fresh from the converted weights each stage: a resumed run trains the same model).
     net = CT.training_model(self.full, CT.head_layer(*self._imagenet_head())) if co else self.full
+    net = SL.wrap(net, self.mc.drop_high_loss, self._small_loss_warmup(index, per_epoch))
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing, co, stage.weight_decay)
     mid = self._mid_stage(index)
@@ -468,6 +470,15 @@ class Training:
           self._audit_in_training(stage, at)
         start = end
     return _History(dict(saver.history, image_size=at))
+
+  def _small_loss_warmup(self, index: int, per_epoch: int) -> int:
+    """Steps over which drop_high_loss ramps up: the first end-to-end stage's first
+    drop_high_loss_warmup epochs; later stages drop the whole share from their first step."""
+    first = next((i for i, st in enumerate(self.stages) if st.kind == C.END_TO_END), None)
+    if self.mc.drop_high_loss and 'small_loss' not in self.history:
+      self.history['small_loss'] = {'share': self.mc.drop_high_loss,
+                                    'warmup_epochs': self.mc.drop_high_loss_warmup}
+    return self.mc.drop_high_loss_warmup * per_epoch if index == first else 0
 
   def stage(self, stage, index: int = 0) -> None:
     """Runs one stage with the function of its kind; rolls it back if its best validation
