@@ -12,7 +12,10 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
   noisy_drop   the same noisy export with model.drop_label_issues on (the frozen network's
                out-of-fold linear probes audit the train ads before training);
   noisy_early  the same, audited by the network itself after `--audit-epoch` epochs of the
-               body stage (model.label_audit_epoch), the stage going on without them.
+               body stage (model.label_audit_epoch), the stage going on without them;
+  noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default
+               --rate): each end-to-end batch leaves out its highest-loss photos;
+  clean_small_loss  the clean export with it: what the option costs when labels are right.
 Only train ads are relabelled: validation and test keep their labels, so the test figures
 (the TFLiteEvaluator's, int8 file) judge against the listed truth. The recipe is
 bench/proxy.yaml (the production stages, shorter): the gap between arms, not the level,
@@ -34,7 +37,7 @@ from carvision.components import names  # noqa: E402
 from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
-ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early')
+ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_small_loss', 'clean_small_loss')
 
 
 def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
@@ -67,6 +70,8 @@ def main():
   ap.add_argument('--out', default=os.path.join(config_lib.REPO_ROOT, 'runs', 'bench', 'noisy_train'))
   ap.add_argument('--arms', default=','.join(ARMS))
   ap.add_argument('--audit-epoch', type=int, default=3, help='noisy_early: model.label_audit_epoch')
+  ap.add_argument('--small-loss', type=float, default=None,
+                  help='the *_small_loss arms: model.drop_high_loss (default --rate)')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
   args = ap.parse_args()
   data, out = os.path.abspath(args.data), os.path.abspath(args.out)
@@ -86,14 +91,18 @@ def main():
       with open(result_path, encoding='utf-8') as f:
         print(f.read().strip())
       continue
-    csv_path = os.path.join(data, 'cars.csv') if arm == 'clean' else noisy_csv
+    clean = arm.startswith('clean')
+    csv_path = os.path.join(data, 'cars.csv') if clean else noisy_csv
     drop = arm in ('noisy_drop', 'noisy_early')
+    share = (args.rate if args.small_loss is None else args.small_loss) if arm.endswith(
+        '_small_loss') else 0.0
     sets = [f'model.drop_label_issues={"true" if drop else "false"}',
-            f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}', *args.set]
+            f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}',
+            f'model.drop_high_loss={share}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
     record = proxy.training_record(os.path.join(out, arm))
-    result = {'arm': arm, 'rate': 0.0 if arm == 'clean' else args.rate, 'seed': args.seed,
-              'wrong_train_ads': 0 if arm == 'clean' else len(wrong), 'summary': s,
+    result = {'arm': arm, 'rate': 0.0 if clean else args.rate, 'seed': args.seed,
+              'wrong_train_ads': 0 if clean else len(wrong), 'drop_high_loss': share, 'summary': s,
               **proxy.validation_figures(record)}
     issues = record['history']['stages'].get('label_issues')
     if issues:
