@@ -13,6 +13,9 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                out-of-fold linear probes audit the train ads before training);
   noisy_early  the same, audited by the network itself after `--audit-epoch` epochs of the
                body stage (model.label_audit_epoch), the stage going on without them;
+  noisy_cross_fit  the same, audited by `--folds`-fold cross-fitting (model.label_audit_folds:
+               the stages up to the body trained once per fold without the fold's ads score
+               them), the run then trained without the flagged ads;
   noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default
                --rate): each end-to-end batch leaves out its highest-loss photos;
   clean_small_loss  the clean export with it: what the option costs when labels are right.
@@ -37,7 +40,8 @@ from carvision.components import names  # noqa: E402
 from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
-ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_small_loss', 'clean_small_loss')
+ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_cross_fit', 'noisy_small_loss',
+        'clean_small_loss')
 
 
 def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
@@ -70,6 +74,7 @@ def main():
   ap.add_argument('--out', default=os.path.join(config_lib.REPO_ROOT, 'runs', 'bench', 'noisy_train'))
   ap.add_argument('--arms', default=','.join(ARMS))
   ap.add_argument('--audit-epoch', type=int, default=3, help='noisy_early: model.label_audit_epoch')
+  ap.add_argument('--folds', type=int, default=2, help='noisy_cross_fit: model.label_audit_folds')
   ap.add_argument('--small-loss', type=float, default=None,
                   help='the *_small_loss arms: model.drop_high_loss (default --rate)')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
@@ -93,11 +98,12 @@ def main():
       continue
     clean = arm.startswith('clean')
     csv_path = os.path.join(data, 'cars.csv') if clean else noisy_csv
-    drop = arm in ('noisy_drop', 'noisy_early')
+    drop = arm in ('noisy_drop', 'noisy_early', 'noisy_cross_fit')
     share = (args.rate if args.small_loss is None else args.small_loss) if arm.endswith(
         '_small_loss') else 0.0
     sets = [f'model.drop_label_issues={"true" if drop else "false"}',
             f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}',
+            f'model.label_audit_folds={args.folds if arm == "noisy_cross_fit" else 0}',
             f'model.drop_high_loss={share}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
     record = proxy.training_record(os.path.join(out, arm))

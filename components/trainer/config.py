@@ -130,6 +130,11 @@ class ModelConfig:
   # first end-to-end stage, which then goes on without the flagged ads (early learning: a
   # network fits the consistent majority of the labels before it memorises the exceptions).
   label_audit_epoch: NonNegative = 0
+  # K >= 2: the audit is K-fold cross-fitting instead: for each fold of the train ads, the
+  # schedule's stages up to its first end-to-end one train from the start weights without
+  # that fold's ads and score its photos; the run then trains without the flagged ads. About
+  # (K - 1) extra runs of those stages, each on (K - 1) / K of the ads. 0: off.
+  label_audit_folds: NonNegative = 0
   # Small-loss selection (small_loss.py): end-to-end training steps leave out this share of
   # each batch, the photos of highest class loss (set it to the expected share of wrong
   # labels; 0: off), ramped up from 0 over the first drop_high_loss_warmup epochs of the
@@ -165,6 +170,12 @@ class ModelConfig:
     if self.stochastic_depth and self.backbone not in efficientnet_lite.VARIANTS:
       raise ValueError(f'model.stochastic_depth: only EfficientNet-Lite backbones have it, '
                        f'not {self.backbone}')
+    if self.label_audit_folds == 1 or (self.label_audit_folds and not self.drop_label_issues):
+      raise ValueError(f'model.label_audit_folds {self.label_audit_folds}: 0 (off) or at least '
+                       '2 folds, with model.drop_label_issues on')
+    if self.label_audit_folds and self.label_audit_epoch:
+      raise ValueError('model.label_audit_folds and model.label_audit_epoch are two ways to '
+                       'audit the train ads: set one')
     if self.drop_label_issues and self.label_audit_epoch:
       for key in ('stages', 'warm_start_stages'):
         # a schedule without an end-to-end stage is audited by the probe (the Trainer says so)

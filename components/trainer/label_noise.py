@@ -1,9 +1,11 @@
 """Training that tolerates seller mistakes: train ads whose photos contradict their listing,
 found before any stage trains, by confident learning (cleanlab) on out-of-fold predictions.
 
-Each fold's linear classifier on the frozen network's pooled activations (the clean view)
-never saw the ads it scores, and folds are whole ads: a wrong listing repeated on three
-photos of one ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an
+The predictions come from linear classifiers on the frozen network's pooled activations
+(cheap, weak) or from the network fine-tuned on the other folds (model.label_audit_folds:
+as good as the run's own model, at the cost of the schedule's first stages once more). A
+fold's model never saw the ads it scores, and folds are whole ads: a wrong listing repeated
+on three photos of one ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an
 ad has one listing), cleanlab's `find_label_issues` flags the ads, and every stage then
 trains without their photos. Validation is left as it is: it chooses, and the gate is on test.
 """
@@ -34,14 +36,19 @@ def photo_ads(patterns: List[str]) -> Dict[int, int]:
   return out
 
 
+def deal(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+  """The fold (0..folds-1) of each row: groups (ads) dealt at random, in equal numbers."""
+  rng = np.random.default_rng(seed)
+  uniq = np.unique(groups)
+  fold_of = dict(zip(rng.permutation(uniq).tolist(), np.arange(len(uniq)) % folds))
+  return np.array([fold_of[g] for g in groups.tolist()], np.int64)
+
+
 def out_of_fold(x: np.ndarray, classes: np.ndarray, groups: np.ndarray, n_classes: int,
                 folds: int = 5, epochs: int = 30, seed: int = 7, min_steps: int = 1000) -> np.ndarray:
   """[rows, n_classes] probabilities, each row from a softmax regression fitted on the other
   folds; folds are groups (ads) dealt at random."""
-  rng = np.random.default_rng(seed)
-  uniq = np.unique(groups)
-  fold_of = dict(zip(rng.permutation(uniq).tolist(), np.arange(len(uniq)) % folds))
-  fold = np.array([fold_of[g] for g in groups.tolist()])
+  fold = deal(groups, folds, seed)
   probs = np.zeros((len(x), n_classes), np.float32)
   y = np.eye(n_classes, dtype=np.float32)[classes]
   xf = x.astype(np.float32)

@@ -80,7 +80,30 @@ class Checkpoints:
       data = np.load(io.BytesIO(f.read()))
       return [data[f'w{i}'] for i in range(len(data.files))]
 
+  def load_arrays(self, name: str) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays save_arrays wrote under `name`, or None (none written, or no directory)."""
+    path = os.path.join(self.dir, name) if self.dir else None
+    if not path or not tf.io.gfile.exists(path):
+      return None
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      data = np.load(io.BytesIO(f.read()))
+      return {k: data[k] for k in data.files}
+
   # --- writing -----------------------------------------------------------------------
+
+  def save_arrays(self, name: str, arrays: Dict[str, np.ndarray]) -> None:
+    """Finished work that is not a checkpoint (a label-audit fold's scores), written whole
+    (a temporary name, then renamed): a stop leaves it or nothing."""
+    if not self.dir:
+      return
+    path = os.path.join(self.dir, name)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp')
+    with tf.io.gfile.GFile(tmp, 'wb') as f:
+      f.write(buf.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
   def write(self, state: Dict[str, Any], model: keras.Model, optimizer=None,
             best_weights: Optional[List[np.ndarray]] = None, kind: str = 'epoch') -> None:

@@ -282,6 +282,11 @@ class Training:
       say('Trainer: label audit by the frozen network\'s probes: this schedule has no '
           'end-to-end stage for model.label_audit_epoch')
     ads_of = LN.photo_ads(self.train_files)
+    if found is None and self.mc.label_audit_folds:
+      found = self._cross_fit_audit(ads_of)
+      self.history['label_issues'] = found
+      say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
+          f"contradict their label ({found['by']}): trained without them")
     if found is None:
       if self.cache is None:
         self.cache = self._build_cache()
@@ -295,6 +300,56 @@ class Training:
       say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
           'contradict their label (out-of-fold audit): trained without them')
     self._exclude(found, ads_of)
+
+  def _cross_fit_audit(self, ads_of: Dict[int, int]) -> Dict:
+    """model.label_audit_folds: for each fold of the train ads, the stages up to the first
+    end-to-end one train from the start weights without the fold's ads (no checkpoints, no
+    roll-back) and score the clean view of its photos at the served size; cleanlab flags ads
+    from those out-of-fold scores (label_noise.flag_ads). A fold's scores are kept under the
+    resume directory once finished: a stopped run repeats at most the fold it was in."""
+    ts, folds = time.time(), self.mc.label_audit_folds
+    upto = next((i for i, st in enumerate(self.stages) if st.kind == C.END_TO_END),
+                len(self.stages) - 1)
+    photos = np.array(sorted(ads_of), np.int64)
+    fold = LN.deal(np.array([ads_of[int(p)] for p in photos]), folds, self.mc.seed)
+    start = self.full.get_weights()
+    f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
+    probs, classes, keys = [], [], []
+    for k in range(folds):
+      name = f'label_audit/fold-{k}-of-{folds}.npz'
+      scored = self.ckpt.load_arrays(name)
+      if scored is None:
+        say(f'Trainer: label audit fold {k + 1}/{folds}: stages '
+            f"{', '.join(st.name for st in self.stages[:upto + 1])} without "
+            f'{int((fold == k).sum())} of {len(photos)} train photos')
+        self.excluded = photos[fold == k]
+        for i, st in enumerate(self.stages[:upto + 1]):
+          if st.kind == C.END_TO_END:
+            self.fit_end_to_end(st, i, checkpoints=False)
+          else:
+            if self.cache is None:
+              self.cache = self._build_cache()
+            (self.fit_heads if st.kind == C.HEADS else self.fit_cached_top)(st)
+        scored = {'probs': [], 'classes': [], 'keys': []}
+        for x, y in self.data(self.train_files, False, keyed=True, exclude=photos[fold != k]):
+          scored['probs'].append(f(x).numpy())
+          scored['classes'].append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
+          scored['keys'].append(y['key'].numpy() // D.MAX_VIEWS)
+        scored = {key: np.concatenate(v) for key, v in scored.items()}
+        self.ckpt.save_arrays(name, scored)
+        self.full.set_weights(start)
+        if self.upper is not None:
+          M.el.copy_weights(self.base, self.upper)
+      probs.append(scored['probs'])
+      classes.append(scored['classes'])
+      keys.append(scored['keys'])
+    self.excluded = None
+    groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
+    return {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups),
+            'train_ads': int(len(set(groups.tolist()))),
+            'by': f'{folds}-fold cross-fitting of stages ' + ', '.join(
+                st.name for st in self.stages[:upto + 1]),
+            'seconds': round(time.time() - ts, 1)}
 
   def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
     flagged = set(found['ads'])
@@ -415,10 +470,11 @@ class Training:
       self.imagenet_head = M.el.imagenet_head(self.mc.backbone)
     return self.imagenet_head
 
-  def fit_end_to_end(self, stage, index: int = 0):
+  def fit_end_to_end(self, stage, index: int = 0, checkpoints: bool = True):
     """Photos through the network, the chosen blocks trainable, at the stage's size
     (FixRes: a lower training size) with standard or light augmentation; checkpointed after
-    epochs and, when a checkpoint of this stage exists, continued from it."""
+    epochs and, when a checkpoint of this stage exists, continued from it (not the
+    label audit's fold models: `checkpoints` False)."""
     M.set_trainable(self.base, stage.trainable, stage.top_blocks)
     at = stage.image_size or self.size
     if at != self.size and self.full.input_shape[1] is not None:
@@ -437,9 +493,10 @@ class Training:
     net = SL.wrap(net, self.mc.drop_high_loss, self._small_loss_warmup(index, per_epoch))
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing, co, stage.weight_decay)
-    mid = self._mid_stage(index)
+    mid = self._mid_stage(index) if checkpoints else None
     stop = self._stop(stage, mid)
-    saver = resume.EpochCheckpoint(self.ckpt, self.state, index, stage.epochs, stop,
+    saver = resume.EpochCheckpoint(self.ckpt if checkpoints else resume.Checkpoints(None, ''),
+                                   self.state, index, stage.epochs, stop,
                                    mid['history'] if mid else None)
     if mid and (mid['stopped'] or mid['epoch'] >= stage.epochs):
       if stop._restored_weights is not None:  # pylint: disable=protected-access
