@@ -15,7 +15,8 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                body stage (model.label_audit_epoch), the stage going on without them;
   noisy_cross_fit  the same, audited by `--folds`-fold cross-fitting (model.label_audit_folds:
                the stages up to the body trained once per fold without the fold's ads score
-               them), the run then trained without the flagged ads;
+               them), the run then trained without the flagged ads (`--audit-share`: how
+               many, model.label_audit_share);
   noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default
                --rate): each end-to-end batch leaves out its highest-loss photos;
   clean_small_loss  the clean export with it: what the option costs when labels are right.
@@ -75,6 +76,8 @@ def main():
   ap.add_argument('--arms', default=','.join(ARMS))
   ap.add_argument('--audit-epoch', type=int, default=3, help='noisy_early: model.label_audit_epoch')
   ap.add_argument('--folds', type=int, default=2, help='noisy_cross_fit: model.label_audit_folds')
+  ap.add_argument('--audit-share', type=float, default=0.0,
+                  help="the drop arms: model.label_audit_share (0: cleanlab's count)")
   ap.add_argument('--small-loss', type=float, default=None,
                   help='the *_small_loss arms: model.drop_high_loss (default --rate)')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
@@ -104,6 +107,7 @@ def main():
     sets = [f'model.drop_label_issues={"true" if drop else "false"}',
             f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}',
             f'model.label_audit_folds={args.folds if arm == "noisy_cross_fit" else 0}',
+            f'model.label_audit_share={args.audit_share if drop else 0.0}',
             f'model.drop_high_loss={share}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
     record = proxy.training_record(os.path.join(out, arm))
@@ -116,7 +120,8 @@ def main():
       hit = len(ads & set(wrong))
       result['flagged'] = {'ads': len(ads), 'train_ads': issues['train_ads'], 'truly_wrong': hit,
                            'recall': hit / max(1, len(wrong)), 'precision': hit / max(1, len(ads)),
-                           'by': issues.get('by', 'out-of-fold linear probes')}
+                           'by': issues.get('by', 'out-of-fold linear probes'),
+                           'count': issues.get('count', "cleanlab's estimate")}
     with open(result_path + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
     os.replace(result_path + '.tmp', result_path)

@@ -36,6 +36,12 @@ from carvision.pipeline import config
     ({'model.drop_label_issues': True, 'model.label_audit_epoch': 30,
       'model.stages': [{'name': 'b', 'trainable': 'top_blocks', 'top_blocks': 2, 'epochs': 30}]},
      'model.label_audit_epoch 30: the first end-to-end stage of model.stages (b) has 30 epochs'),
+    ({'model.drop_label_issues': True, 'model.label_audit_folds': 1},
+     'model.label_audit_folds 1: 0 (off) or at least 2 folds, with model.drop_label_issues on'),
+    ({'model.label_audit_folds': 3},
+     'model.label_audit_folds 3: 0 (off) or at least 2 folds, with model.drop_label_issues on'),
+    ({'model.drop_label_issues': True, 'model.label_audit_folds': 2, 'model.label_audit_epoch': 1},
+     'model.label_audit_folds and model.label_audit_epoch are two ways'),
 ])
 def test_bad_values_are_named_before_any_work(override, message):
   with pytest.raises(config.ConfigError) as e:

@@ -28,6 +28,21 @@ def test_wrong_listings_are_flagged_and_right_ones_are_not():
   assert LN.flag_ads(LN.out_of_fold(x, truth, groups, 8, folds=4, epochs=20), truth, groups) == []
 
 
+def test_a_share_flags_that_many_ads_the_least_likely_first():
+  """label_audit_share: exactly round(share x ads) ads, the ones whose listed class gets the
+  lowest mean probability over their photos, whatever cleanlab's own count would be."""
+  rng = np.random.default_rng(2)
+  x, truth, groups = _ads(rng)
+  listed = truth.copy()
+  wrong = sorted(rng.choice(np.unique(groups), 6, replace=False).tolist())
+  for ad in wrong:
+    listed[groups == ad] = (truth[groups == ad][0] + 1 + rng.integers(7)) % 8
+  probs = LN.out_of_fold(x, listed, groups, 8, folds=4, epochs=20)
+  assert LN.flag_ads(probs, listed, groups, share=6 / 96) == wrong
+  more = LN.flag_ads(probs, listed, groups, share=0.25)
+  assert len(more) == 24 and set(wrong) <= set(more)
+
+
 def test_folds_are_whole_ads():
   """A listing repeated on the photos of one ad cannot vouch for itself: no fold both trains
   on and scores the photos of one ad (rows of a held-out ad are scored by a model that never
@@ -39,6 +54,16 @@ def test_folds_are_whole_ads():
   listed[groups == ad] = 4  # a class only this ad has
   probs = LN.out_of_fold(x, listed, groups, 5, folds=3, epochs=20)
   assert probs[groups == ad, 4].max() < 0.2
+
+
+def test_deal_gives_each_ad_one_fold_in_equal_numbers_and_the_same_each_time():
+  groups = np.repeat(np.arange(50) + 7, np.arange(50) % 4 + 1)
+  fold = LN.deal(groups, 3, seed=5)
+  by_ad = {g: set(fold[groups == g].tolist()) for g in np.unique(groups)}
+  assert all(len(f) == 1 for f in by_ad.values())
+  assert sorted(np.bincount([f.pop() for f in by_ad.values()]).tolist()) == [16, 17, 17]
+  np.testing.assert_array_equal(fold, LN.deal(groups, 3, seed=5))
+  assert not np.array_equal(fold, LN.deal(groups, 3, seed=6))
 
 
 def test_photo_ads_reads_the_trainers_file_list_with_the_datasets_photo_keys(tmp_path):

@@ -409,6 +409,64 @@ def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tm
   assert len(hist['body']['val_class_top1']) == 2 and len(hist['last']['val_class_top1']) == 1
 
 
+def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_run, tmp_path):
+  """model.label_audit_folds: each fold's model (the stages up to the first end-to-end one,
+  trained without the fold's ads) scores that fold's photos, each fold's scores are kept
+  under the resume directory, and the run trains without exactly the photos of the
+  flagged ads."""
+  import json
+  from tfx import v1 as tfx
+  from carvision.components.trainer import label_noise as LN
+  from carvision.components.trainer import resume
+  from carvision.components.trainer import task
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  examples = _one(root, 'Transform', 'transformed_examples')
+  train_files = [os.path.join(examples, 'Split-train', '*')]
+  stages = [{'name': 'head', 'trainable': 'none', 'epochs': 2, 'learning_rate': 3e-3},
+            {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,
+             'epochs': 1, 'learning_rate': 1e-4}]
+  tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
+                                'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
+                                'model.tflite_representative_samples': 8,
+                                'model.drop_label_issues': True, 'model.label_audit_folds': 2,
+                                **SMALL})
+  saved = []
+  real = resume.Checkpoints.save_arrays
+
+  def spy(self, name, arrays):
+    real(self, name, arrays)
+    saved.append((name, {k: v.copy() for k, v in self.load_arrays(name).items()}))
+  out = tmp_path / 'model'
+  resume.Checkpoints.save_arrays = spy
+  try:
+    task.run_fn(tfx.components.FnArgs(
+        train_files=train_files,
+        eval_files=[os.path.join(examples, 'Split-validation', '*')],
+        transform_output=_one(root, 'Transform', 'transform_graph'),
+        serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+        custom_config={'config': config_lib.trainer_config(tc).to_json(),
+                       'resume_dir': str(tmp_path / 'resume')}))
+  finally:
+    resume.Checkpoints.save_arrays = real
+  hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
+  found = hist['label_issues']
+  ads_of = LN.photo_ads(train_files)
+  assert found['by'] == '2-fold cross-fitting of stages head, body'
+  assert found['train_ads'] == len(set(ads_of.values()))
+  assert set(found['ads']) <= set(ads_of.values())
+  assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
+  # Two folds, each scoring its own photos; together every train photo once, and no ad
+  # in both (folds are whole ads).
+  assert [n for n, _ in saved] == ['label_audit/fold-0-of-2.npz', 'label_audit/fold-1-of-2.npz']
+  keys = [set(a['keys'].tolist()) for _, a in saved]
+  assert not keys[0] & keys[1] and keys[0] | keys[1] == set(ads_of)
+  assert not {ads_of[k] for k in keys[0]} & {ads_of[k] for k in keys[1]}
+  assert all(np.allclose(a['probs'].sum(-1), 1.0, atol=1e-3) for _, a in saved)
+  # Kept beside the checkpoints until `carvision run` clears them after the run.
+  assert len(glob.glob(str(tmp_path / 'resume' / 'Trainer' / '*' / 'label_audit' / 'fold-*.npz'))) == 2
+
+
 # Last two: they train more models in the same pipeline root.
 def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny_dsn):
   """After a blessed model exists, a much worse one (1 epoch at a tiny rate) must not ship."""

@@ -51,3 +51,21 @@ def test_an_unpaused_stop_rolls_back_at_the_end_of_its_fit():
                               restore_best_weights=True)
   _fit(model, stop, [0.5, 0.9, 0.6], 0, 3)
   assert all(np.allclose(a, b) for a, b in zip(model.get_weights(), stop.best_weights))
+
+
+def test_saved_arrays_survive_checkpoints_and_are_whole_or_absent(tmp_path):
+  """A label-audit fold's scores: read back as written, untouched by the checkpoints that
+  replace each other in the same directory; none without a directory."""
+  ck = resume.Checkpoints(str(tmp_path), 'key')
+  assert ck.load_arrays('label_audit/fold-0-of-2.npz') is None
+  ck.save_arrays('label_audit/fold-0-of-2.npz', {'keys': np.arange(3), 'probs': np.eye(3)})
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  for kind in ('done', 'epoch', 'done'):
+    ck.write({'done': 0}, model, kind=kind)
+  got = resume.Checkpoints(str(tmp_path), 'key').load_arrays('label_audit/fold-0-of-2.npz')
+  np.testing.assert_array_equal(got['keys'], np.arange(3))
+  np.testing.assert_array_equal(got['probs'], np.eye(3))
+  assert not list((tmp_path / 'Trainer' / 'key' / 'label_audit').glob('.*'))  # no temporary left
+  none = resume.Checkpoints(None, 'key')
+  none.save_arrays('x.npz', {'a': np.ones(2)})
+  assert none.load_arrays('x.npz') is None

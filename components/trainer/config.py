@@ -135,6 +135,10 @@ class ModelConfig:
   # that fold's ads and score its photos; the run then trains without the flagged ads. About
   # (K - 1) extra runs of those stages, each on (K - 1) / K of the ads. 0: off.
   label_audit_folds: NonNegative = 0
+  # How many flagged ads drop_label_issues drops: 0, as many as cleanlab estimates are wrong;
+  # a share (of the train ads) > 0, that share, the ads whose listed class the audit finds
+  # least likely (set it to the wrong share an audit of unseen ads measured).
+  label_audit_share: Annotated[float, pydantic.Field(ge=0.0, le=0.5)] = 0.0
   # Small-loss selection (small_loss.py): end-to-end training steps leave out this share of
   # each batch, the photos of highest class loss (set it to the expected share of wrong
   # labels; 0: off), ramped up from 0 over the first drop_high_loss_warmup epochs of the

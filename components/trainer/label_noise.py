@@ -69,18 +69,29 @@ def out_of_fold(x: np.ndarray, classes: np.ndarray, groups: np.ndarray, n_classe
   return probs
 
 
-def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray) -> List[int]:
-  """The ads (group ids) whose listed class cleanlab finds an issue with, from their photos'
-  mean out-of-fold probabilities."""
+def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray,
+             share: float = 0.0) -> List[int]:
+  """The ads (group ids) whose listed class is in doubt, from their photos' mean out-of-fold
+  probabilities: with `share` 0 the ones cleanlab's `find_label_issues` flags (its own
+  estimate of how many are wrong), else the `share` of all ads whose listed class gets the
+  lowest mean probability (cleanlab's self-confidence label-quality score). cleanlab's count
+  follows the model: a weak out-of-fold model's confident joint sees noise in hard clean ads
+  too, and it flags several times the ads that are wrong (BENCHMARKS.md); a share known from
+  an audit of ads the model never saw (`carvision audit`) bounds what is dropped."""
   from cleanlab.filter import find_label_issues  # pylint: disable=g-import-not-at-top
+  from cleanlab.rank import get_label_quality_scores  # pylint: disable=g-import-not-at-top
   ads, index = np.unique(groups, return_inverse=True)
   mean = np.zeros((len(ads), probs.shape[1]), np.float64)
   np.add.at(mean, index, probs)
   mean /= np.bincount(index, minlength=len(ads))[:, None]
   listed = np.zeros(len(ads), np.int64)
   listed[index] = classes
+  mean = mean.astype(np.float32)
+  if share > 0:
+    quality = get_label_quality_scores(listed, mean, method='self_confidence')
+    worst = np.argsort(quality, kind='stable')[:int(round(share * len(ads)))]
+    return sorted(int(a) for a in ads[worst])
   # n_jobs=1: no worker processes forked from the Trainer's (TensorFlow, signal handlers);
   # a few thousand ads take well under a second in one process.
-  issues = find_label_issues(listed, mean.astype(np.float32), filter_by='prune_by_noise_rate',
-                             n_jobs=1)
+  issues = find_label_issues(listed, mean, filter_by='prune_by_noise_rate', n_jobs=1)
   return sorted(int(a) for a in ads[issues])

@@ -295,7 +295,8 @@ class Training:
       groups = np.array([ads_of[int(p)] for p in ytr['key'][clean] // D.MAX_VIEWS])
       classes = ytr[M.CLASS_OUT][clean]
       probs = LN.out_of_fold(xtr[clean], classes, groups, self.n_classes, seed=self.mc.seed)
-      found = {'ads': LN.flag_ads(probs, classes, groups), 'train_ads': int(len(set(groups)))}
+      found = {'ads': LN.flag_ads(probs, classes, groups, self.mc.label_audit_share),
+               'train_ads': int(len(set(groups)))}
       self.history['label_issues'] = found
       say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
           'contradict their label (out-of-fold audit): trained without them')
@@ -345,7 +346,8 @@ class Training:
       keys.append(scored['keys'])
     self.excluded = None
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    return {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups),
+    return {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups,
+                               self.mc.label_audit_share),
             'train_ads': int(len(set(groups.tolist()))),
             'by': f'{folds}-fold cross-fitting of stages ' + ', '.join(
                 st.name for st in self.stages[:upto + 1]),
@@ -353,6 +355,8 @@ class Training:
 
   def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
     flagged = set(found['ads'])
+    found.setdefault('count', f'share {self.mc.label_audit_share} of the train ads'
+                     if self.mc.label_audit_share else "cleanlab's estimate")
     self.excluded = np.array(sorted(p for p, a in ads_of.items() if a in flagged), np.int64)
     found['photos_left_out'] = int(len(self.excluded))
 
@@ -378,7 +382,8 @@ class Training:
       classes.append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
       keys.append(y['key'].numpy() // D.MAX_VIEWS)
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    found = {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups),
+    found = {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups,
+                                self.mc.label_audit_share),
              'train_ads': int(len(set(groups.tolist()))),
              'by': f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}',
              'seconds': round(time.time() - ts, 1)}
