@@ -17,6 +17,8 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                the stages up to the body trained once per fold without the fold's ads score
                them), the run then trained without the flagged ads (`--audit-share`: how
                many, model.label_audit_share);
+  oracle_drop  the export without the wrong ads' rows (the ads, not their listings, gone):
+               what a drop that found exactly the wrong ads would win, the best any drop can do;
   noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default
                --rate): each end-to-end batch leaves out its highest-loss photos;
   clean_small_loss  the clean export with it: what the option costs when labels are right.
@@ -41,8 +43,8 @@ from carvision.components import names  # noqa: E402
 from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
-ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_cross_fit', 'noisy_small_loss',
-        'clean_small_loss')
+ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_cross_fit', 'oracle_drop',
+        'noisy_small_loss', 'clean_small_loss')
 
 
 def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
@@ -65,6 +67,18 @@ def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict
       w.writerow(r)
   os.replace(out_csv + '.tmp', out_csv)
   return {str(a): [k, train[a]] for a, k in wrong.items()}
+
+
+def write_without(src: str, out_csv: str, ads) -> None:
+  """cars.csv without the rows of `ads` (every other row as it is)."""
+  with open(src, encoding='utf-8', newline='') as f:
+    rows = list(csv.DictReader(f))
+  os.makedirs(os.path.dirname(out_csv), exist_ok=True)
+  with open(out_csv + '.tmp', 'w', encoding='utf-8', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(r for r in rows if r['ad_id'] not in ads)
+  os.replace(out_csv + '.tmp', out_csv)
 
 
 def main():
@@ -99,8 +113,11 @@ def main():
       with open(result_path, encoding='utf-8') as f:
         print(f.read().strip())
       continue
-    clean = arm.startswith('clean')
+    clean = arm.startswith('clean') or arm == 'oracle_drop'
     csv_path = os.path.join(data, 'cars.csv') if clean else noisy_csv
+    if arm == 'oracle_drop':
+      csv_path = os.path.join(out, 'oracle', 'cars.csv')
+      write_without(os.path.join(data, 'cars.csv'), csv_path, set(wrong))
     drop = arm in ('noisy_drop', 'noisy_early', 'noisy_cross_fit')
     share = (args.rate if args.small_loss is None else args.small_loss) if arm.endswith(
         '_small_loss') else 0.0
@@ -112,7 +129,8 @@ def main():
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
     record = proxy.training_record(os.path.join(out, arm))
     result = {'arm': arm, 'rate': 0.0 if clean else args.rate, 'seed': args.seed,
-              'wrong_train_ads': 0 if clean else len(wrong), 'drop_high_loss': share, 'summary': s,
+              'wrong_train_ads': 0 if clean else len(wrong), 'drop_high_loss': share,
+              **({'dropped_ads': len(wrong)} if arm == 'oracle_drop' else {}), 'summary': s,
               **proxy.validation_figures(record)}
     issues = record['history']['stages'].get('label_issues')
     if issues:
