@@ -3,11 +3,13 @@ found before any stage trains, by confident learning (cleanlab) on out-of-fold p
 
 The predictions come from linear classifiers on the frozen network's pooled activations
 (cheap, weak) or from the network fine-tuned on the other folds (model.label_audit_folds:
-as good as the run's own model, at the cost of the schedule's first stages once more). A
-fold's model never saw the ads it scores, and folds are whole ads: a wrong listing repeated
-on three photos of one ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an
-ad has one listing), cleanlab's `find_label_issues` flags the ads, and every stage then
-trains without their photos. Validation is left as it is: it chooses, and the gate is on test.
+the schedule's first stages once more per fold, on (K - 1) / K of the ads, so weaker than the
+run's own model; in a short schedule much weaker, BENCHMARKS.md). A fold's model never saw
+the ads it scores, and folds are whole ads: a wrong listing repeated on three photos of one
+ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an ad has one
+listing), cleanlab flags the ads (its own count, or the least likely share), and every stage
+then trains without their photos. Validation is left as it is: it chooses, and the gate is
+on test.
 """
 from __future__ import annotations
 
