@@ -24,8 +24,9 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
   clean_small_loss  the clean export with it: what the option costs when labels are right.
 Only train ads are relabelled: validation and test keep their labels, so the test figures
 (the TFLiteEvaluator's, int8 file) judge against the listed truth. The recipe is
-bench/proxy.yaml (the production stages, shorter): the gap between arms, not the level,
-is the figure. For the drop arms the flagged ads are scored against the injected truth.
+bench/proxy.yaml (the production stages, shorter; `--recipe car_ads`: the production run,
+about 75 min an arm): the gap between arms, not the level, is the figure. For the drop arms
+the flagged ads are scored against the injected truth.
 """
 import argparse
 import csv
@@ -95,10 +96,12 @@ def main():
   ap.add_argument('--small-loss', type=float, default=None,
                   help='the *_small_loss arms: model.drop_high_loss (default --rate)')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
+  ap.add_argument('--recipe', default=proxy.RECIPE,
+                  help='the config every arm runs (default: the proxy; car_ads: the production recipe)')
   args = ap.parse_args()
   data, out = os.path.abspath(args.data), os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  splits = config_lib.load(proxy.RECIPE).ingest.splits
+  splits = config_lib.load(args.recipe).ingest.splits
   noisy_csv = os.path.join(out, 'noisy', 'cars.csv')
   wrong_path = os.path.join(out, 'noisy', 'wrong.json')
   if not os.path.exists(wrong_path):
@@ -126,7 +129,7 @@ def main():
             f'model.label_audit_folds={args.folds if arm == "noisy_cross_fit" else 0}',
             f'model.label_audit_share={args.audit_share if drop else 0.0}',
             f'model.drop_high_loss={share}', *args.set]
-    s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'))
+    s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'), args.recipe)
     record = proxy.training_record(os.path.join(out, arm))
     result = {'arm': arm, 'rate': 0.0 if clean else args.rate, 'seed': args.seed,
               'wrong_train_ads': 0 if clean else len(wrong), 'drop_high_loss': share,

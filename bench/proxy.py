@@ -30,15 +30,16 @@ RECIPE = os.path.join(HERE, 'proxy.yaml')
 NOT_BLESSED = 4  # carvision run's exit status when a gate did not bless (README)
 
 
-def run_arm(name: str, sets, out: str, csv_path: str, images: str) -> dict:
-  """One `carvision run` of the proxy recipe on a cars.csv export (not again once its summary
-  is written); returns the summary. NOT BLESSED (exit 4) is a result here, not a failure."""
+def run_arm(name: str, sets, out: str, csv_path: str, images: str, recipe: str = RECIPE) -> dict:
+  """One `carvision run` of the proxy recipe (or `recipe`) on a cars.csv export (not again
+  once its summary is written); returns the summary. NOT BLESSED (exit 4) is a result here,
+  not a failure."""
   root = os.path.join(out, name)
   sets = [f'pipeline.root={root}', f'pipeline.metadata={root}/metadata.sqlite',
           f'push.dir={root}/serving', f'ingest.csv={csv_path}',
           f'ingest.image_url_template={images}/{{p_hash}}.jpg', *sets]
   summary = os.path.join(out, f'{name}.summary.json')
-  cmd = [sys.executable, '-m', 'carvision.pipeline.cli', 'run', '--config', RECIPE,
+  cmd = [sys.executable, '-m', 'carvision.pipeline.cli', 'run', '--config', recipe,
          '--summary-json', summary]
   for s in sets:
     cmd += ['--set', s]
