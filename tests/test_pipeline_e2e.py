@@ -467,6 +467,39 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
   assert len(glob.glob(str(tmp_path / 'resume' / 'Trainer' / '*' / 'label_audit' / 'fold-*.npz'))) == 2
 
 
+def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):
+  """model.drop_label_issues alone: out-of-fold linear probes of the frozen network audit the
+  train ads before any stage; a share bounds how many go (label_audit_share)."""
+  import json
+  from tfx import v1 as tfx
+  from carvision.components.trainer import label_noise as LN
+  from carvision.components.trainer import task
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  examples = _one(root, 'Transform', 'transformed_examples')
+  train_files = [os.path.join(examples, 'Split-train', '*')]
+  stages = [{'name': 'head', 'trainable': 'none', 'epochs': 2, 'learning_rate': 3e-3}]
+  tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
+                                'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
+                                'model.tflite_representative_samples': 8,
+                                'model.drop_label_issues': True, 'model.label_audit_share': 0.1,
+                                **SMALL})
+  out = tmp_path / 'model'
+  task.run_fn(tfx.components.FnArgs(
+      train_files=train_files,
+      eval_files=[os.path.join(examples, 'Split-validation', '*')],
+      transform_output=_one(root, 'Transform', 'transform_graph'),
+      serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+      custom_config={'config': config_lib.trainer_config(tc).to_json()}))
+  found = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']['label_issues']
+  ads_of = LN.photo_ads(train_files)
+  n_ads = len(set(ads_of.values()))
+  assert found['by'] == 'out-of-fold linear probes' and found['train_ads'] == n_ads
+  assert found['count'] == 'share 0.1 of the train ads'
+  assert len(found['ads']) == round(0.1 * n_ads) and set(found['ads']) <= set(ads_of.values())
+  assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
+
+
 # Last two: they train more models in the same pipeline root.
 def test_regression_against_better_blessed_model_blocks_the_push(first_run, tiny_dsn):
   """After a blessed model exists, a much worse one (1 epoch at a tiny rate) must not ship."""

@@ -282,25 +282,25 @@ class Training:
       say('Trainer: label audit by the frozen network\'s probes: this schedule has no '
           'end-to-end stage for model.label_audit_epoch')
     ads_of = LN.photo_ads(self.train_files)
-    if found is None and self.mc.label_audit_folds:
-      found = self._cross_fit_audit(ads_of)
+    if found is None:
+      found = (self._cross_fit_audit(ads_of) if self.mc.label_audit_folds
+               else self._probe_audit(ads_of))
       self.history['label_issues'] = found
       say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
           f"contradict their label ({found['by']}): trained without them")
-    if found is None:
-      if self.cache is None:
-        self.cache = self._build_cache()
-      xtr, ytr, _, _ = self._pooled()
-      clean = ytr['key'] % D.MAX_VIEWS == 0
-      groups = np.array([ads_of[int(p)] for p in ytr['key'][clean] // D.MAX_VIEWS])
-      classes = ytr[M.CLASS_OUT][clean]
-      probs = LN.out_of_fold(xtr[clean], classes, groups, self.n_classes, seed=self.mc.seed)
-      found = {'ads': LN.flag_ads(probs, classes, groups, self.mc.label_audit_share),
-               'train_ads': int(len(set(groups)))}
-      self.history['label_issues'] = found
-      say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
-          'contradict their label (out-of-fold audit): trained without them')
     self._exclude(found, ads_of)
+
+  def _probe_audit(self, ads_of: Dict[int, int]) -> Dict:
+    """Out-of-fold linear probes of the frozen network's pooled activations (clean view)."""
+    if self.cache is None:
+      self.cache = self._build_cache()
+    xtr, ytr, _, _ = self._pooled()
+    clean = ytr['key'] % D.MAX_VIEWS == 0
+    groups = np.array([ads_of[int(p)] for p in ytr['key'][clean] // D.MAX_VIEWS])
+    classes = ytr[M.CLASS_OUT][clean]
+    probs = LN.out_of_fold(xtr[clean], classes, groups, self.n_classes, seed=self.mc.seed)
+    return {'ads': LN.flag_ads(probs, classes, groups, self.mc.label_audit_share),
+            'train_ads': int(len(set(groups))), 'by': 'out-of-fold linear probes'}
 
   def _cross_fit_audit(self, ads_of: Dict[int, int]) -> Dict:
     """model.label_audit_folds: for each fold of the train ads, the stages up to the first
