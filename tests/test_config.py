@@ -40,6 +40,8 @@ from carvision.pipeline import config
      'model.label_audit_folds 1: 0 (off) or at least 2 folds, with model.drop_label_issues on'),
     ({'model.label_audit_folds': 3},
      'model.label_audit_folds 3: 0 (off) or at least 2 folds, with model.drop_label_issues on'),
+    ({'model.label_audit_share': 0.1},
+     'model.label_audit_share 0.1: applies to model.drop_label_issues, which is off'),
     ({'model.drop_label_issues': True, 'model.label_audit_folds': 2, 'model.label_audit_epoch': 1},
      'model.label_audit_folds and model.label_audit_epoch are two ways'),
 ])

@@ -177,6 +177,9 @@ class ModelConfig:
     if self.label_audit_folds == 1 or (self.label_audit_folds and not self.drop_label_issues):
       raise ValueError(f'model.label_audit_folds {self.label_audit_folds}: 0 (off) or at least '
                        '2 folds, with model.drop_label_issues on')
+    if self.label_audit_share and not self.drop_label_issues:
+      raise ValueError(f'model.label_audit_share {self.label_audit_share}: applies to '
+                       'model.drop_label_issues, which is off')
     if self.label_audit_folds and self.label_audit_epoch:
       raise ValueError('model.label_audit_folds and model.label_audit_epoch are two ways to '
                        'audit the train ads: set one')

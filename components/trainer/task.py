@@ -314,7 +314,6 @@ class Training:
     photos = np.array(sorted(ads_of), np.int64)
     fold = LN.deal(np.array([ads_of[int(p)] for p in photos]), folds, self.mc.seed)
     start = self.full.get_weights()
-    f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
     probs, classes, keys = [], [], []
     for k in range(folds):
       name = f'label_audit/fold-{k}-of-{folds}.npz'
@@ -331,12 +330,7 @@ class Training:
             if self.cache is None:
               self.cache = self._build_cache()
             (self.fit_heads if st.kind == C.HEADS else self.fit_cached_top)(st)
-        scored = {'probs': [], 'classes': [], 'keys': []}
-        for x, y in self.data(self.train_files, False, keyed=True, exclude=photos[fold != k]):
-          scored['probs'].append(f(x).numpy())
-          scored['classes'].append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
-          scored['keys'].append(y['key'].numpy() // D.MAX_VIEWS)
-        scored = {key: np.concatenate(v) for key, v in scored.items()}
+        scored = self._score_train(self.size, exclude=photos[fold != k])
         self.ckpt.save_arrays(name, scored)
         self.full.set_weights(start)
         if self.upper is not None:
@@ -352,6 +346,17 @@ class Training:
             'by': f'{folds}-fold cross-fitting of stages ' + ', '.join(
                 st.name for st in self.stages[:upto + 1]),
             'seconds': round(time.time() - ts, 1)}
+
+  def _score_train(self, at: int, exclude=None) -> Dict[str, np.ndarray]:
+    """The network's class probabilities on the clean view of the train photos (not those in
+    `exclude`) at size `at`, with each photo's listed class and photo key."""
+    f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
+    out = {'probs': [], 'classes': [], 'keys': []}
+    for x, y in self.data(self.train_files, False, at=at, keyed=True, exclude=exclude):
+      out['probs'].append(f(x).numpy())
+      out['classes'].append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
+      out['keys'].append(y['key'].numpy() // D.MAX_VIEWS)
+    return {k: np.concatenate(v) for k, v in out.items()}
 
   def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
     flagged = set(found['ads'])
@@ -375,14 +380,9 @@ class Training:
     after this point leaves out the same ads."""
     ts = time.time()
     ads_of = LN.photo_ads(self.train_files)
-    f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
-    probs, classes, keys = [], [], []
-    for x, y in self.data(self.train_files, False, at=at, keyed=True):
-      probs.append(f(x).numpy())
-      classes.append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
-      keys.append(y['key'].numpy() // D.MAX_VIEWS)
-    groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    found = {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups,
+    scored = self._score_train(at)
+    groups = np.array([ads_of[int(p)] for p in scored['keys']])
+    found = {'ads': LN.flag_ads(scored['probs'], scored['classes'], groups,
                                 self.mc.label_audit_share),
              'train_ads': int(len(set(groups.tolist()))),
              'by': f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}',
