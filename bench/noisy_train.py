@@ -13,6 +13,8 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                out-of-fold linear probes audit the train ads before training);
   noisy_early  the same, audited by the network itself after `--audit-epoch` epochs of the
                body stage (model.label_audit_epoch), the stage going on without them;
+               (`--relabel`: the drop arms relabel the flagged ads the audit is that sure of,
+               model.label_audit_relabel);
   noisy_cross_fit  the same, audited by `--folds`-fold cross-fitting (model.label_audit_folds:
                the stages up to the body trained once per fold without the fold's ads score
                them), the run then trained without the flagged ads (`--audit-share`: how
@@ -82,6 +84,15 @@ def write_without(src: str, out_csv: str, ads) -> None:
   os.replace(out_csv + '.tmp', out_csv)
 
 
+def class_vocabulary(root: str):
+  """The class names by id of the arm's (latest) Transform graph."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
+  from carvision.components.trainer import export  # pylint: disable=g-import-not-at-top
+  graphs = glob.glob(os.path.join(root, 'Transform', 'transform_graph', '*'))
+  return export.labels(tft.TFTransformOutput(max(graphs, key=os.path.getmtime)), 'class')
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--data', required=True, help='a car_ads directory (cars.csv, images/)')
@@ -93,6 +104,8 @@ def main():
   ap.add_argument('--folds', type=int, default=2, help='noisy_cross_fit: model.label_audit_folds')
   ap.add_argument('--audit-share', type=float, default=0.0,
                   help="the drop arms: model.label_audit_share (0: cleanlab's count)")
+  ap.add_argument('--relabel', type=float, default=0.0,
+                  help='the drop arms: model.label_audit_relabel (0: flagged ads are left out)')
   ap.add_argument('--small-loss', type=float, default=None,
                   help='the *_small_loss arms: model.drop_high_loss (default --rate)')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
@@ -128,6 +141,7 @@ def main():
             f'model.label_audit_epoch={args.audit_epoch if arm == "noisy_early" else 0}',
             f'model.label_audit_folds={args.folds if arm == "noisy_cross_fit" else 0}',
             f'model.label_audit_share={args.audit_share if drop else 0.0}',
+            f'model.label_audit_relabel={args.relabel if drop else 0.0}',
             f'model.drop_high_loss={share}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'), args.recipe)
     record = proxy.training_record(os.path.join(out, arm))
@@ -143,6 +157,13 @@ def main():
                            'recall': hit / max(1, len(wrong)), 'precision': hit / max(1, len(ads)),
                            'by': issues.get('by', 'out-of-fold linear probes'),
                            'count': issues.get('count', "cleanlab's estimate")}
+      moved = {str(ad): c for ad, c in issues.get('relabelled', [])}
+      if moved:
+        vocab = class_vocabulary(os.path.join(out, arm))
+        result['flagged']['relabelled'] = {  # a right ad relabelled is always made wrong
+            'ads': len(moved), 'truly_wrong': len(set(moved) & set(wrong)),
+            'to_the_true_class': sum(ad in wrong and vocab[c] == wrong[ad][1]
+                                     for ad, c in moved.items())}
     with open(result_path + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
     os.replace(result_path + '.tmp', result_path)

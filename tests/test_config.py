@@ -42,6 +42,8 @@ from carvision.pipeline import config
      'model.label_audit_folds 3: 0 (off) or at least 2 folds, with model.drop_label_issues on'),
     ({'model.label_audit_share': 0.1},
      'model.label_audit_share 0.1: applies to model.drop_label_issues, which is off'),
+    ({'model.label_audit_relabel': 0.5},
+     'model.label_audit_relabel 0.5: applies to model.drop_label_issues, which is off'),
     ({'model.drop_label_issues': True, 'model.label_audit_folds': 2, 'model.label_audit_epoch': 1},
      'model.label_audit_folds and model.label_audit_epoch are two ways'),
 ])

@@ -86,3 +86,35 @@ def test_photo_ads_reads_the_trainers_file_list_with_the_datasets_photo_keys(tmp
   assert files_lib.expand([str(split)]) == files and files_lib.expand([str(split / 'none.gz')]) == []
   for patterns in (files, [str(split / '*')], [str(split)]):
     assert LN.photo_ads(patterns) == want
+
+
+def test_relabels_only_flagged_ads_with_a_confident_other_class():
+  """label_audit_relabel: a flagged ad is relabelled when its photos' mean probability of one
+  other class reaches the threshold; a flagged ad the audit is unsure about is not, nor is
+  an ad nobody flagged, nor one whose most likely class is the listed one."""
+  groups = np.array([1, 1, 2, 2, 3, 4])
+  listed = np.array([0, 0, 1, 1, 2, 0])
+  probs = np.array([[0.1, 0.8, 0.1], [0.1, 0.6, 0.3],    # ad 1: class 1 at 0.7 on average
+                    [0.4, 0.3, 0.3], [0.3, 0.3, 0.4],    # ad 2: unsure
+                    [0.9, 0.05, 0.05],                   # ad 3: sure, but not flagged
+                    [0.6, 0.2, 0.2]])                    # ad 4: flagged, listed class is best
+  assert LN.relabels(probs, listed, groups, [1, 2, 4], 0.5) == {1: 1}
+  assert LN.relabels(probs, listed, groups, [1, 2, 4], 0.75) == {}
+  assert LN.relabels(probs, listed, groups, [1, 2, 3, 4], 0.0) == {}
+
+
+def test_cached_rows_of_relabelled_photos_get_the_new_class_and_make():
+  """The cached stages' labels: rows (photo x view keys) of relabelled photos carry the new
+  class and make, all other rows the listed ones."""
+  import types  # pylint: disable=g-import-not-at-top
+  from carvision.components.trainer import data as D  # pylint: disable=g-import-not-at-top
+  from carvision.components.trainer import model as M  # pylint: disable=g-import-not-at-top
+  from carvision.components.trainer import task  # pylint: disable=g-import-not-at-top
+  photos = np.array([5, 9, 13, 40], np.int64)
+  keys = np.concatenate([photos * D.MAX_VIEWS, photos * D.MAX_VIEWS + 1])  # two views each
+  labels = {'key': keys, M.CLASS_OUT: np.array([0, 1, 2, 0] * 2), M.MAKE_OUT: np.array([0, 0, 1, 0] * 2)}
+  run = types.SimpleNamespace(relabel=(np.array([9, 40], np.int64), np.array([2, 1]), np.array([1, 0])))
+  out = task.Training._labels(run, labels)
+  assert out[M.CLASS_OUT].tolist() == [0, 2, 2, 1] * 2 and out[M.MAKE_OUT].tolist() == [0, 1, 1, 0] * 2
+  assert labels[M.CLASS_OUT].tolist() == [0, 1, 2, 0] * 2  # the listed labels are kept as they were
+  assert task.Training._labels(types.SimpleNamespace(relabel=None), labels) is labels

@@ -391,7 +391,7 @@ def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tm
                                 'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
                                 'model.tflite_representative_samples': 8,
                                 'model.drop_label_issues': True, 'model.label_audit_epoch': 1,
-                                **SMALL})
+                                'model.label_audit_relabel': 0.02, **SMALL})
   out = tmp_path / 'model'
   task.run_fn(tfx.components.FnArgs(
       train_files=train_files,
@@ -405,7 +405,11 @@ def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tm
   assert found['by'] == 'the network after 1 epochs of stage body'
   assert found['train_ads'] == len(set(ads_of.values()))
   assert set(found['ads']) <= set(ads_of.values())
-  assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
+  moved = dict(found['relabelled'])
+  assert set(moved) <= set(found['ads']) and all(c >= 0 for c in moved.values())
+  assert found['photos_relabelled'] == sum(a in moved for a in ads_of.values())
+  assert found['photos_left_out'] == sum(a in set(found['ads']) - set(moved)
+                                         for a in ads_of.values())
   assert len(hist['body']['val_class_top1']) == 2 and len(hist['last']['val_class_top1']) == 1
 
 
@@ -455,6 +459,7 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
   assert found['by'] == '2-fold cross-fitting of stages head, body'
   assert found['train_ads'] == len(set(ads_of.values()))
   assert set(found['ads']) <= set(ads_of.values())
+  assert 'relabelled' not in found and found['photos_relabelled'] == 0
   assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
   # Two folds, each scoring its own photos; together every train photo once, and no ad
   # in both (folds are whole ads).
@@ -469,7 +474,8 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
 
 def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):
   """model.drop_label_issues alone: out-of-fold linear probes of the frozen network audit the
-  train ads before any stage; a share bounds how many go (label_audit_share)."""
+  train ads before any stage; a share bounds how many go (label_audit_share); those with a
+  likely enough other class stay, relabelled (label_audit_relabel)."""
   import json
   from tfx import v1 as tfx
   from carvision.components.trainer import label_noise as LN
@@ -483,7 +489,7 @@ def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):
                                 'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
                                 'model.tflite_representative_samples': 8,
                                 'model.drop_label_issues': True, 'model.label_audit_share': 0.1,
-                                **SMALL})
+                                'model.label_audit_relabel': 0.02, **SMALL})
   out = tmp_path / 'model'
   task.run_fn(tfx.components.FnArgs(
       train_files=train_files,
@@ -497,7 +503,11 @@ def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):
   assert found['by'] == 'out-of-fold linear probes' and found['train_ads'] == n_ads
   assert found['count'] == 'share 0.1 of the train ads'
   assert len(found['ads']) == round(0.1 * n_ads) and set(found['ads']) <= set(ads_of.values())
-  assert found['photos_left_out'] == sum(a in set(found['ads']) for a in ads_of.values())
+  moved = dict(found['relabelled'])
+  assert moved and set(moved) <= set(found['ads']) and all(c >= 0 for c in moved.values())
+  assert found['photos_relabelled'] == sum(a in moved for a in ads_of.values())
+  assert found['photos_left_out'] == sum(a in set(found['ads']) - set(moved)
+                                         for a in ads_of.values())
 
 
 # Last two: they train more models in the same pipeline root.

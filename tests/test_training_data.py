@@ -223,3 +223,24 @@ def test_photos_of_doubted_ads_are_left_out_of_every_kind_of_stage(tmp_path):
   batches = data.ArrayBatches(rows, y, 3, {M.CLASS_OUT: 3, M.MAKE_OUT: 2}, True, keys=keys, keep=keep)
   seen = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))])
   assert len(batches) == 3 and sorted(seen.tolist()) == list(range(3, 12))
+
+
+def test_relabelled_photos_train_with_their_new_class_and_make(tmp_path):
+  """label_audit_relabel: end-to-end batches (streamed and kept photos alike) carry the new
+  class and make of the relabelled photo keys and the listed ones of all others."""
+  spec = dict(_spec(), **{F.P_HASH: tf.io.FixedLenFeature([], tf.string)})
+  files = _named_records(tmp_path, list(range(12)))
+
+  def labels(**kw):
+    ds = data.dataset(files, spec, 64, 4, 3, 2, keyed=True, **kw)
+    return {int(k) // data.MAX_VIEWS: (int(c), int(m)) for _, y in ds for k, c, m in zip(
+        y['key'].numpy(), y[M.CLASS_OUT].numpy().argmax(-1), y[M.MAKE_OUT].numpy().argmax(-1))}
+
+  listed = labels(training=False)
+  moved = sorted(listed)[:4]
+  new = {p: ((listed[p][0] + 1) % 3, 1 - listed[p][1]) for p in moved}
+  relabel = (np.array(moved, np.int64), np.array([new[p][0] for p in moved], np.int64),
+             np.array([new[p][1] for p in moved], np.int64))
+  for cached in (None, 64):
+    got = labels(training=True, decoded_size=cached, relabel=relabel)
+    assert got == {p: new.get(p, listed[p]) for p in listed}

@@ -139,6 +139,9 @@ class ModelConfig:
   # a share (of the train ads) > 0, that share, the ads whose listed class the audit finds
   # least likely (set it to the wrong share an audit of unseen ads measured).
   label_audit_share: Annotated[float, pydantic.Field(ge=0.0, le=0.5)] = 0.0
+  # > 0: a flagged ad whose photos' mean probability of one other class is at least this is
+  # trained with that class (and its make) instead of being left out; 0: all are left out.
+  label_audit_relabel: Annotated[float, pydantic.Field(ge=0.0, le=1.0)] = 0.0
   # Small-loss selection (small_loss.py): end-to-end training steps leave out this share of
   # each batch, the photos of highest class loss (set it to the expected share of wrong
   # labels; 0: off), ramped up from 0 over the first drop_high_loss_warmup epochs of the
@@ -179,6 +182,9 @@ class ModelConfig:
                        '2 folds, with model.drop_label_issues on')
     if self.label_audit_share and not self.drop_label_issues:
       raise ValueError(f'model.label_audit_share {self.label_audit_share}: applies to '
+                       'model.drop_label_issues, which is off')
+    if self.label_audit_relabel and not self.drop_label_issues:
+      raise ValueError(f'model.label_audit_relabel {self.label_audit_relabel}: applies to '
                        'model.drop_label_issues, which is off')
     if self.label_audit_folds and self.label_audit_epoch:
       raise ValueError('model.label_audit_folds and model.label_audit_epoch are two ways to '

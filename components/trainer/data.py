@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -42,7 +42,8 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
             training: bool, repeat: bool = False, crop_prob: float = 0.0,
             decoded_size: Optional[int] = None, light: bool = False, seed: int = 7,
             view: int = 0, keyed: bool = False,
-            exclude: Optional[np.ndarray] = None) -> tf.data.Dataset:
+            exclude: Optional[np.ndarray] = None,
+            relabel: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> tf.data.Dataset:
   """(uint8 photos, one-hot labels) batches of `files`.
 
   `decoded_size`: each photo is decoded once, bilinear-resized to that square (the model
@@ -56,7 +57,8 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
   ExampleGen wrote the records in), of (`seed`, position in the stream) when repeating
   (every epoch other views). `keyed`: labels also carry 'key', the photo's hash and view,
   for an order-independent arrangement of cached activations. `exclude`: photo keys (the
-  hash of the p_hash, as in 'key') left out, e.g. the photos of ads with doubted labels.
+  hash of the p_hash, as in 'key') left out, e.g. the photos of ads with doubted labels;
+  `relabel`: (photo keys, class ids, make ids) trained with that class and make instead.
   """
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP')
   if training and not decoded_size:
@@ -84,6 +86,17 @@ def dataset(files: List[str], spec: Dict, size: int, batch: int, n_classes: int,
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant(np.asarray(exclude, np.int64)), tf.ones([len(exclude)], tf.int32)), 0)
     ds = ds.filter(lambda *e: table.lookup(e[5]) == 0)
+  if relabel is not None and len(relabel[0]):
+    if not named:
+      raise ValueError('relabelling photos needs the p_hash feature in the examples')
+    keys = tf.constant(np.asarray(relabel[0], np.int64))
+    new = [tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        keys, tf.constant(np.asarray(v, np.int64))), -1) for v in relabel[1:]]
+
+    def relabelled(pixels, box, known, cls, make, photo):
+      c, m = new[0].lookup(photo), new[1].lookup(photo)
+      return (pixels, box, known, tf.where(c >= 0, c, cls), tf.where(m >= 0, m, make), photo)
+    ds = ds.map(relabelled, num_parallel_calls=tf.data.AUTOTUNE)
   if decoded_size:
     ds = ds.cache()
     if training:

@@ -71,6 +71,17 @@ def out_of_fold(x: np.ndarray, classes: np.ndarray, groups: np.ndarray, n_classe
   return probs
 
 
+def ad_means(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray):
+  """(ad ids, [ads, classes] mean photo probabilities, listed class) of photo rows."""
+  ads, index = np.unique(groups, return_inverse=True)
+  mean = np.zeros((len(ads), probs.shape[1]), np.float64)
+  np.add.at(mean, index, probs)
+  mean /= np.bincount(index, minlength=len(ads))[:, None]
+  listed = np.zeros(len(ads), np.int64)
+  listed[index] = classes
+  return ads, mean.astype(np.float32), listed
+
+
 def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray,
              share: float = 0.0) -> List[int]:
   """The ads (group ids) whose listed class is in doubt, from their photos' mean out-of-fold
@@ -82,13 +93,7 @@ def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray,
   an audit of ads the model never saw (`carvision audit`) bounds what is dropped."""
   from cleanlab.filter import find_label_issues  # pylint: disable=g-import-not-at-top
   from cleanlab.rank import get_label_quality_scores  # pylint: disable=g-import-not-at-top
-  ads, index = np.unique(groups, return_inverse=True)
-  mean = np.zeros((len(ads), probs.shape[1]), np.float64)
-  np.add.at(mean, index, probs)
-  mean /= np.bincount(index, minlength=len(ads))[:, None]
-  listed = np.zeros(len(ads), np.int64)
-  listed[index] = classes
-  mean = mean.astype(np.float32)
+  ads, mean, listed = ad_means(probs, classes, groups)
   if share > 0:
     quality = get_label_quality_scores(listed, mean, method='self_confidence')
     worst = np.argsort(quality, kind='stable')[:int(round(share * len(ads)))]
@@ -97,3 +102,33 @@ def flag_ads(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray,
   # a few thousand ads take well under a second in one process.
   issues = find_label_issues(listed, mean, filter_by='prune_by_noise_rate', n_jobs=1)
   return sorted(int(a) for a in ads[issues])
+
+
+def relabels(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray, flagged: List[int],
+             at: float) -> Dict[int, int]:
+  """{ad: class} for the flagged ads whose photos' mean probability of one other class is at
+  least `at`: trained with that class instead of being left out (model.label_audit_relabel).
+  With few photos a class, leaving a tenth of the ads out costs about half of what their
+  wrong labels cost (BENCHMARKS.md); a confident other class keeps the photos."""
+  if at <= 0 or not len(flagged):
+    return {}
+  ads, mean, listed = ad_means(probs, classes, groups)
+  best = mean.argmax(1)
+  sure = (mean[np.arange(len(ads)), best] >= at) & (best != listed) & np.isin(ads, flagged)
+  return {int(a): int(c) for a, c in zip(ads[sure], best[sure])}
+
+
+def class_makes(patterns: List[str], n_classes: int) -> np.ndarray:
+  """[n_classes] the make id of each class id, from the (GZIP TFRecord) examples (-1: a
+  class without examples there): a relabelled photo's make follows its new class."""
+  cls_key, make_key = F.label_id('class'), F.label_id('make')
+  spec = {cls_key: tf.io.FixedLenFeature([1], tf.int64),
+          make_key: tf.io.FixedLenFeature([1], tf.int64)}
+  out = np.full(n_classes, -1, np.int64)
+  ds = tf.data.TFRecordDataset(files_lib.expand(patterns), compression_type='GZIP').batch(1024)
+  for batch in ds:
+    f = tf.io.parse_example(batch, spec)
+    c, m = f[cls_key].numpy().ravel(), f[make_key].numpy().ravel()
+    ok = (c >= 0) & (c < n_classes)
+    out[c[ok]] = m[ok]
+  return out

@@ -157,15 +157,16 @@ class Training:
     self.relationship = None  # Co-Tuning's p(ImageNet class | car class), once computed
     self.imagenet_head = None  # Co-Tuning: the converted ImageNet head (kernel, bias), read once
     self.excluded = None  # photo keys of train ads with doubted labels (drop_label_issues)
+    self.relabel = None  # (photo keys, class ids, make ids) of relabelled ones (label_audit_relabel)
 
   # --- data ---------------------------------------------------------------------------
 
   def data(self, files, training, repeat=False, at=None, light=False, cached=False, view=0,
-           keyed=False, exclude=None):
+           keyed=False, exclude=None, relabel=None):
     return D.dataset(files, self.spec, at or self.size, self.batch, self.n_classes, self.n_makes,
                    training=training, repeat=repeat, crop_prob=self.mc.bbox_crop_prob,
                    decoded_size=self.size if cached else None, light=light, seed=self.mc.seed,
-                   view=view, keyed=keyed, exclude=exclude)
+                   view=view, keyed=keyed, exclude=exclude, relabel=relabel)
 
   def start(self) -> None:
     """Counts the splits, sizes the photo cache, warm-starts when configured."""
@@ -286,9 +287,10 @@ class Training:
       found = (self._cross_fit_audit(ads_of) if self.mc.label_audit_folds
                else self._probe_audit(ads_of))
       self.history['label_issues'] = found
-      say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
-          f"contradict their label ({found['by']}): trained without them")
-    self._exclude(found, ads_of)
+      self._exclude(found, ads_of)
+      say(self._told(found) + ' trained without')
+    else:
+      self._exclude(found, ads_of)
 
   def _probe_audit(self, ads_of: Dict[int, int]) -> Dict:
     """Out-of-fold linear probes of the frozen network's pooled activations (clean view)."""
@@ -299,8 +301,7 @@ class Training:
     groups = np.array([ads_of[int(p)] for p in ytr['key'][clean] // D.MAX_VIEWS])
     classes = ytr[M.CLASS_OUT][clean]
     probs = LN.out_of_fold(xtr[clean], classes, groups, self.n_classes, seed=self.mc.seed)
-    return {'ads': LN.flag_ads(probs, classes, groups, self.mc.label_audit_share),
-            'train_ads': int(len(set(groups))), 'by': 'out-of-fold linear probes'}
+    return self._audit_record(probs, classes, groups, 'out-of-fold linear probes')
 
   def _cross_fit_audit(self, ads_of: Dict[int, int]) -> Dict:
     """model.label_audit_folds: for each fold of the train ads, the stages up to the first
@@ -340,12 +341,21 @@ class Training:
       keys.append(scored['keys'])
     self.excluded = None
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    return {'ads': LN.flag_ads(np.concatenate(probs), np.concatenate(classes), groups,
-                               self.mc.label_audit_share),
-            'train_ads': int(len(set(groups.tolist()))),
-            'by': f'{folds}-fold cross-fitting of stages ' + ', '.join(
-                st.name for st in self.stages[:upto + 1]),
-            'seconds': round(time.time() - ts, 1)}
+    return self._audit_record(np.concatenate(probs), np.concatenate(classes), groups,
+                              f'{folds}-fold cross-fitting of stages ' + ', '.join(
+                                  st.name for st in self.stages[:upto + 1]), ts)
+
+  def _audit_record(self, probs, classes, groups, by: str, ts: Optional[float] = None) -> Dict:
+    """What an audit found, as kept in the history: the flagged ads and, with
+    label_audit_relabel, the class each relabelled one trains with."""
+    ads = LN.flag_ads(probs, classes, groups, self.mc.label_audit_share)
+    found = {'ads': ads, 'train_ads': int(len(set(groups.tolist()))), 'by': by}
+    if self.mc.label_audit_relabel:
+      moved = LN.relabels(probs, classes, groups, ads, self.mc.label_audit_relabel)
+      found['relabelled'] = [[a, c] for a, c in sorted(moved.items())]
+    if ts is not None:
+      found['seconds'] = round(time.time() - ts, 1)
+    return found
 
   def _score_train(self, at: int, exclude=None) -> Dict[str, np.ndarray]:
     """The network's class probabilities on the clean view of the train photos (not those in
@@ -359,11 +369,29 @@ class Training:
     return {k: np.concatenate(v) for k, v in out.items()}
 
   def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
-    flagged = set(found['ads'])
+    """The photos the rest of the run leaves out, and those it trains with another class."""
     found.setdefault('count', f'share {self.mc.label_audit_share} of the train ads'
                      if self.mc.label_audit_share else "cleanlab's estimate")
-    self.excluded = np.array(sorted(p for p, a in ads_of.items() if a in flagged), np.int64)
+    moved = {int(a): int(c) for a, c in found.get('relabelled', [])}
+    if moved:
+      makes = LN.class_makes(self.train_files, self.n_classes)
+      moved = {a: c for a, c in moved.items() if makes[c] >= 0}
+    gone = set(found['ads']) - set(moved)
+    self.excluded = np.array(sorted(p for p, a in ads_of.items() if a in gone), np.int64)
     found['photos_left_out'] = int(len(self.excluded))
+    keys = np.array(sorted(p for p, a in ads_of.items() if a in moved), np.int64)
+    self.relabel = None
+    if len(keys):
+      cls = np.array([moved[ads_of[int(p)]] for p in keys], np.int64)
+      self.relabel = (keys, cls, makes[cls])
+    found['photos_relabelled'] = int(len(keys))
+
+  def _told(self, found: Dict) -> str:
+    moved = len(found.get('relabelled', []))
+    return (f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
+            f"contradict their label ({found['by']})" + (
+                f': {moved} relabelled to the class their photos show, the others'
+                if moved else ':'))
 
   def _in_training_audit(self) -> Optional[int]:
     """The index of the stage whose training audits the train ads (label_audit_epoch),
@@ -382,15 +410,26 @@ class Training:
     ads_of = LN.photo_ads(self.train_files)
     scored = self._score_train(at)
     groups = np.array([ads_of[int(p)] for p in scored['keys']])
-    found = {'ads': LN.flag_ads(scored['probs'], scored['classes'], groups,
-                                self.mc.label_audit_share),
-             'train_ads': int(len(set(groups.tolist()))),
-             'by': f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}',
-             'seconds': round(time.time() - ts, 1)}
+    found = self._audit_record(
+        scored['probs'], scored['classes'], groups,
+        f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}', ts)
     self.history['label_issues'] = found
     self._exclude(found, ads_of)
-    say(f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
-        f"contradict their label ({found['by']}): the stage goes on without them")
+    say(self._told(found) + ' the stage goes on without')
+
+  def _labels(self, labels: Dict) -> Dict:
+    """Cached activations' labels with the relabelled photos' new class and make."""
+    if self.relabel is None:
+      return labels
+    keys, cls, make = self.relabel
+    row = labels['key'] // D.MAX_VIEWS
+    at = np.searchsorted(keys, row)
+    hit = (at < len(keys)) & (keys[np.minimum(at, len(keys) - 1)] == row)
+    out = dict(labels)
+    for name, new in ((M.CLASS_OUT, cls), (M.MAKE_OUT, make)):
+      if name in out:
+        out[name] = np.where(hit, new[np.minimum(at, len(keys) - 1)], out[name])
+    return out
 
   def _keep(self, labels) -> Optional[np.ndarray]:
     """Row mask of cached activations without the excluded photos (None: all rows)."""
@@ -406,8 +445,8 @@ class Training:
   def fit_heads(self, stage):
     """Frozen network: the heads alone on pooled activations (linear probe)."""
     xtr, ytr, xev, yev = self._pooled()
-    train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
-                         keys=ytr.get('key'), keep=self._keep(ytr))
+    train = D.ArrayBatches(xtr, self._labels(ytr), self.batch, self.n_out, shuffle=True,
+                           seed=self.mc.seed, keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
     _compile(self.head, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing,
              weight_decay=stage.weight_decay)
@@ -422,8 +461,8 @@ class Training:
     self.cache.pop('pooled', None)  # the upper part changes: pooled features go stale
     inp = keras.Input(xtr.shape[1:], name='activations')
     top = keras.Model(inp, M.named(self.head(self.upper(inp))), name='top')
-    train = D.ArrayBatches(xtr, ytr, self.batch, self.n_out, shuffle=True, seed=self.mc.seed,
-                         keys=ytr.get('key'), keep=self._keep(ytr))
+    train = D.ArrayBatches(xtr, self._labels(ytr), self.batch, self.n_out, shuffle=True,
+                           seed=self.mc.seed, keys=ytr.get('key'), keep=self._keep(ytr))
     steps = len(train) * stage.epochs
     _compile(top, self._schedule(stage, steps, steps // 10), self.mc.label_smoothing,
              weight_decay=stage.weight_decay)
@@ -520,7 +559,8 @@ class Training:
     for end in ([audit] if audit is not None else []) + [stage.epochs]:
       if end > start and not net.stop_training:
         train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
-                          light=stage.augment == 'light', exclude=self.excluded)
+                          light=stage.augment == 'light', exclude=self.excluded,
+                          relabel=self.relabel)
         if co:
           train = CT.with_target(train)
         stop.paused = end < stage.epochs
