@@ -118,3 +118,13 @@ def test_cached_rows_of_relabelled_photos_get_the_new_class_and_make():
   assert out[M.CLASS_OUT].tolist() == [0, 2, 2, 1] * 2 and out[M.MAKE_OUT].tolist() == [0, 1, 1, 0] * 2
   assert labels[M.CLASS_OUT].tolist() == [0, 1, 2, 0] * 2  # the listed labels are kept as they were
   assert task.Training._labels(types.SimpleNamespace(relabel=None), labels) is labels
+
+
+def test_the_audit_line_says_what_the_run_does_with_the_flagged_ads():
+  from carvision.components.trainer import task  # pylint: disable=g-import-not-at-top
+  found = {'ads': [4, 7, 9], 'train_ads': 30, 'by': 'out-of-fold linear probes'}
+  assert task.Training._told(found, 'trained without') == (
+      'Trainer: 3 of 30 train ads have photos that contradict their label (out-of-fold linear '
+      'probes): trained without them')
+  assert task.Training._told({**found, 'relabelled': [[7, 2]]}, 'trained without').endswith(
+      '): 1 relabelled to the class their photos show, trained without the others')

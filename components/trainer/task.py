@@ -288,7 +288,7 @@ class Training:
                else self._probe_audit(ads_of))
       self.history['label_issues'] = found
       self._exclude(found, ads_of)
-      say(self._told(found) + ' trained without')
+      say(self._told(found, 'trained without'))
     else:
       self._exclude(found, ads_of)
 
@@ -386,12 +386,14 @@ class Training:
       self.relabel = (keys, cls, makes[cls])
     found['photos_relabelled'] = int(len(keys))
 
-  def _told(self, found: Dict) -> str:
+  @staticmethod
+  def _told(found: Dict, then: str) -> str:
+    """The one line an audit prints: how many ads, by what, and what the run does with them."""
     moved = len(found.get('relabelled', []))
     return (f"Trainer: {len(found['ads'])} of {found['train_ads']} train ads have photos that "
-            f"contradict their label ({found['by']})" + (
-                f': {moved} relabelled to the class their photos show, the others'
-                if moved else ':'))
+            f"contradict their label ({found['by']}): " + (
+                f'{moved} relabelled to the class their photos show, {then} the others'
+                if moved else f'{then} them'))
 
   def _in_training_audit(self) -> Optional[int]:
     """The index of the stage whose training audits the train ads (label_audit_epoch),
@@ -415,7 +417,7 @@ class Training:
         f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}', ts)
     self.history['label_issues'] = found
     self._exclude(found, ads_of)
-    say(self._told(found) + ' the stage goes on without')
+    say(self._told(found, 'the stage goes on without'))
 
   def _labels(self, labels: Dict) -> Dict:
     """Cached activations' labels with the relabelled photos' new class and make."""
