@@ -8,8 +8,8 @@ run's own model; in a short schedule much weaker, BENCHMARKS.md). A fold's model
 the ads it scores, and folds are whole ads: a wrong listing repeated on three photos of one
 ad cannot vouch for itself. Per ad the photos' probabilities are averaged (an ad has one
 listing), cleanlab flags the ads (its own count, or the least likely share), and every stage
-then trains without their photos. Validation is left as it is: it chooses, and the gate is
-on test.
+then trains without their photos, or with the class they show where the audit is sure enough
+(relabels). Validation is left as it is: it chooses, and the gate is on test.
 """
 from __future__ import annotations
 
