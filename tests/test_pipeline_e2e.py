@@ -403,6 +403,7 @@ def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tm
   found = hist['label_issues']
   ads_of = LN.photo_ads(train_files)
   assert found['by'] == 'the network after 1 epochs of stage body'
+  assert found['temperature'] > 0  # its probabilities calibrated on validation
   assert found['train_ads'] == len(set(ads_of.values()))
   assert set(found['ads']) <= set(ads_of.values())
   moved = dict(found['relabelled'])
@@ -457,6 +458,7 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
   found = hist['label_issues']
   ads_of = LN.photo_ads(train_files)
   assert found['by'] == '2-fold cross-fitting of stages head, body'
+  assert len(found['temperature']) == 2 and min(found['temperature']) > 0
   assert found['train_ads'] == len(set(ads_of.values()))
   assert set(found['ads']) <= set(ads_of.values())
   assert 'relabelled' not in found and found['photos_relabelled'] == 0
@@ -468,6 +470,7 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
   assert not keys[0] & keys[1] and keys[0] | keys[1] == set(ads_of)
   assert not {ads_of[k] for k in keys[0]} & {ads_of[k] for k in keys[1]}
   assert all(np.allclose(a['probs'].sum(-1), 1.0, atol=1e-3) for _, a in saved)
+  assert [round(float(a['temperature']), 4) for _, a in saved] == found['temperature']
   # Kept beside the checkpoints until `carvision run` clears them after the run.
   assert len(glob.glob(str(tmp_path / 'resume' / 'Trainer' / '*' / 'label_audit' / 'fold-*.npz'))) == 2
 

@@ -141,6 +141,8 @@ class ModelConfig:
   label_audit_share: Annotated[float, pydantic.Field(ge=0.0, le=0.5)] = 0.0
   # > 0: a flagged ad whose photos' mean probability of one other class is at least this is
   # trained with that class (and its make) instead of being left out; 0: all are left out.
+  # The network audits' probabilities are calibrated (a temperature fitted on validation);
+  # the linear probes' are not.
   label_audit_relabel: Annotated[float, pydantic.Field(ge=0.0, le=1.0)] = 0.0
   # Small-loss selection (small_loss.py): end-to-end training steps leave out this share of
   # each batch, the photos of highest class loss (set it to the expected share of wrong

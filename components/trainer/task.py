@@ -19,6 +19,7 @@ import tensorflow_transform as tft
 import tf_keras as keras
 from absl import logging
 
+from carvision.components import calibration
 from carvision.components import features as F
 from carvision.components import files as files_lib
 from carvision.components import names
@@ -315,7 +316,7 @@ class Training:
     photos = np.array(sorted(ads_of), np.int64)
     fold = LN.deal(np.array([ads_of[int(p)] for p in photos]), folds, self.mc.seed)
     start = self.full.get_weights()
-    probs, classes, keys = [], [], []
+    probs, classes, keys, temps = [], [], [], []
     for k in range(folds):
       name = f'label_audit/fold-{k}-of-{folds}.npz'
       scored = self.ckpt.load_arrays(name)
@@ -339,11 +340,14 @@ class Training:
       probs.append(scored['probs'])
       classes.append(scored['classes'])
       keys.append(scored['keys'])
+      temps.append(round(float(scored['temperature']), 4) if 'temperature' in scored else None)
     self.excluded = None
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    return self._audit_record(np.concatenate(probs), np.concatenate(classes), groups,
-                              f'{folds}-fold cross-fitting of stages ' + ', '.join(
-                                  st.name for st in self.stages[:upto + 1]), ts)
+    found = self._audit_record(np.concatenate(probs), np.concatenate(classes), groups,
+                               f'{folds}-fold cross-fitting of stages ' + ', '.join(
+                                   st.name for st in self.stages[:upto + 1]), ts)
+    found['temperature'] = temps
+    return found
 
   def _audit_record(self, probs, classes, groups, by: str, ts: Optional[float] = None) -> Dict:
     """What an audit found, as kept in the history: the flagged ads and, with
@@ -358,15 +362,28 @@ class Training:
     return found
 
   def _score_train(self, at: int, exclude=None) -> Dict[str, np.ndarray]:
-    """The network's class probabilities on the clean view of the train photos (not those in
-    `exclude`) at size `at`, with each photo's listed class and photo key."""
+    """The network's calibrated class probabilities on the clean view of the train photos
+    (not those in `exclude`) at size `at`, with each photo's listed class and photo key. The
+    temperature is fitted on validation (clean labels, never trained on), so that
+    label_audit_relabel's threshold means the same whichever network audits."""
     f = tf.function(lambda x: self.full(x, training=False)[M.CLASS_OUT])
-    out = {'probs': [], 'classes': [], 'keys': []}
-    for x, y in self.data(self.train_files, False, at=at, keyed=True, exclude=exclude):
-      out['probs'].append(f(x).numpy())
-      out['classes'].append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
-      out['keys'].append(y['key'].numpy() // D.MAX_VIEWS)
-    return {k: np.concatenate(v) for k, v in out.items()}
+
+    def scored(ds, keyed):
+      out = {'probs': [], 'classes': [], 'keys': []}
+      for x, y in ds:
+        out['probs'].append(f(x).numpy())
+        out['classes'].append(np.argmax(y[M.CLASS_OUT].numpy(), -1))
+        if keyed:
+          out['keys'].append(y['key'].numpy() // D.MAX_VIEWS)
+      return {k: np.concatenate(v) for k, v in out.items() if v}
+
+    val = scored(self.validation if at == self.size else self.data(self.eval_files, False, at=at),
+                 False)
+    t = calibration.temperature_for(val['probs'], val['classes'])['temperature']
+    out = scored(self.data(self.train_files, False, at=at, keyed=True, exclude=exclude), True)
+    out['probs'] = LN.temper(out['probs'], t)
+    out['temperature'] = np.float64(t)
+    return out
 
   def _exclude(self, found: Dict, ads_of: Dict[int, int]) -> None:
     """The photos the rest of the run leaves out, and those it trains with another class."""
@@ -415,6 +432,7 @@ class Training:
     found = self._audit_record(
         scored['probs'], scored['classes'], groups,
         f'the network after {self.mc.label_audit_epoch} epochs of stage {stage.name}', ts)
+    found['temperature'] = round(float(scored['temperature']), 4)
     self.history['label_issues'] = found
     self._exclude(found, ads_of)
     say(self._told(found, 'the stage goes on without'))
