@@ -89,6 +89,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=1, keepdims=True)
 
 
+def at_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+  """softmax(log p / T): a model's probabilities at temperature T (log-probabilities are
+  logits up to a per-row constant), without a second pass through the model."""
+  return softmax(np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / t)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
   """The T in [0.05, 20] minimising the negative log-likelihood of softmax(logits / T)."""
   from scipy.optimize import minimize_scalar  # pylint: disable=g-import-not-at-top

@@ -130,11 +130,11 @@ def test_the_audit_line_says_what_the_run_does_with_the_flagged_ads():
       '): 1 relabelled to the class their photos show, trained without the others')
 
 
-def test_temper_is_softmax_of_log_probabilities_over_t():
+def test_at_temperature_is_softmax_of_log_probabilities_over_t():
   from carvision.components import calibration  # pylint: disable=g-import-not-at-top
   p = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], np.float32)
   for t in (0.5, 1.0, 2.0):
-    np.testing.assert_allclose(LN.temper(p, t), calibration.softmax(np.log(p.astype(np.float64)) / t),
-                               rtol=1e-5)
-  np.testing.assert_allclose(LN.temper(p, 1.0), p, rtol=1e-5)
-  assert LN.temper(p, 0.5)[0, 0] > 0.7 > LN.temper(p, 2.0)[0, 0]  # T < 1 sharpens
+    np.testing.assert_allclose(calibration.at_temperature(p, t),
+                               calibration.softmax(np.log(p.astype(np.float64)) / t), rtol=1e-5)
+  np.testing.assert_allclose(calibration.at_temperature(p, 1.0), p, rtol=1e-5)
+  assert calibration.at_temperature(p, 0.5)[0, 0] > 0.7 > calibration.at_temperature(p, 2.0)[0, 0]  # T < 1 sharpens

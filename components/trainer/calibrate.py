@@ -41,11 +41,9 @@ def calibrate(full: keras.Model, probs: Dict, truth: Dict) -> Dict:
   returns T, the validation ECE before/after, and the calibrated probabilities."""
   record = {k: calibration.temperature_for(probs[k], truth[k]) for k in probs}
   bake_temperature(full.get_layer('heads'), {k: r['temperature'] for k, r in record.items()})
-  # softmax(z / T) == normalise(p ** (1 / T)): the baked model's answers, without a second pass
-  calibrated = {}
-  for k, p in probs.items():
-    z = np.log(np.clip(p.astype(np.float64), 1e-12, 1.0)) / record[k]['temperature']
-    calibrated[k] = calibration.softmax(z)
+  # the baked model's answers, without a second pass
+  calibrated = {k: calibration.at_temperature(p, record[k]['temperature'])
+                for k, p in probs.items()}
   return {'split': 'validation', **record}, calibrated
 
 

@@ -118,15 +118,6 @@ def relabels(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray, flagged
   return {int(a): int(c) for a, c in zip(ads[sure], best[sure])}
 
 
-def temper(probs: np.ndarray, t: float) -> np.ndarray:
-  """softmax(log p / T): probabilities at temperature T (log-probabilities are logits up to
-  a per-row constant)."""
-  z = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / t
-  z -= z.max(axis=1, keepdims=True)
-  e = np.exp(z)
-  return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def class_makes(patterns: List[str], n_classes: int) -> np.ndarray:
   """[n_classes] the make id of each class id, from the (GZIP TFRecord) examples (-1: a
   class without examples there): a relabelled photo's make follows its new class."""

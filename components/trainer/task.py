@@ -288,10 +288,8 @@ class Training:
       found = (self._cross_fit_audit(ads_of) if self.mc.label_audit_folds
                else self._probe_audit(ads_of))
       self.history['label_issues'] = found
-      self._exclude(found, ads_of)
       say(self._told(found, 'trained without'))
-    else:
-      self._exclude(found, ads_of)
+    self._exclude(found, ads_of)
 
   def _probe_audit(self, ads_of: Dict[int, int]) -> Dict:
     """Out-of-fold linear probes of the frozen network's pooled activations (clean view)."""
@@ -381,7 +379,7 @@ class Training:
                  False)
     t = calibration.temperature_for(val['probs'], val['classes'])['temperature']
     out = scored(self.data(self.train_files, False, at=at, keyed=True, exclude=exclude), True)
-    out['probs'] = LN.temper(out['probs'], t)
+    out['probs'] = calibration.at_temperature(out['probs'], t).astype(np.float32)
     out['temperature'] = np.float64(t)
     return out
 
