@@ -23,7 +23,10 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                what a drop that found exactly the wrong ads would win, the best any drop can do;
   noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default
                --rate): each end-to-end batch leaves out its highest-loss photos;
-  clean_small_loss  the clean export with it: what the option costs when labels are right.
+  clean_small_loss  the clean export with it: what the option costs when labels are right;
+  noisy_early_learning  the same noisy export with model.early_learning `--early-learning`
+               (momentum `--early-learning-momentum`): early-learning regularisation;
+  clean_early_learning  the clean export with it.
 Only train ads are relabelled: validation and test keep their labels, so the test figures
 (the TFLiteEvaluator's, int8 file) judge against the listed truth. The recipe is
 bench/proxy.yaml (the production stages, shorter; `--recipe car_ads`: the production run,
@@ -47,7 +50,7 @@ from carvision.components.example_gen import records  # noqa: E402
 from carvision.pipeline import config as config_lib  # noqa: E402
 
 ARMS = ('clean', 'noisy', 'noisy_drop', 'noisy_early', 'noisy_cross_fit', 'oracle_drop',
-        'noisy_small_loss', 'clean_small_loss')
+        'noisy_small_loss', 'clean_small_loss', 'noisy_early_learning', 'clean_early_learning')
 
 
 def write_export(src: str, out_csv: str, rate: float, seed: int, splits) -> dict:
@@ -108,6 +111,10 @@ def main():
                   help='the drop arms: model.label_audit_relabel (0: flagged ads are left out)')
   ap.add_argument('--small-loss', type=float, default=None,
                   help='the *_small_loss arms: model.drop_high_loss (default --rate)')
+  ap.add_argument('--early-learning', type=float, default=3.0,
+                  help='the *_early_learning arms: model.early_learning')
+  ap.add_argument('--early-learning-momentum', type=float, default=0.7,
+                  help='the *_early_learning arms: model.early_learning_momentum')
   ap.add_argument('--set', action='append', default=[], help='extra config override for every arm')
   ap.add_argument('--recipe', default=proxy.RECIPE,
                   help='the config every arm runs (default: the proxy; car_ads: the production recipe)')
@@ -142,11 +149,14 @@ def main():
             f'model.label_audit_folds={args.folds if arm == "noisy_cross_fit" else 0}',
             f'model.label_audit_share={args.audit_share if drop else 0.0}',
             f'model.label_audit_relabel={args.relabel if drop else 0.0}',
-            f'model.drop_high_loss={share}', *args.set]
+            f'model.drop_high_loss={share}',
+            f'model.early_learning={args.early_learning if arm.endswith("_early_learning") else 0.0}',
+            f'model.early_learning_momentum={args.early_learning_momentum}', *args.set]
     s = proxy.run_arm(arm, sets, out, csv_path, os.path.join(data, 'images'), args.recipe)
     record = proxy.training_record(os.path.join(out, arm))
     result = {'arm': arm, 'rate': 0.0 if clean else args.rate, 'seed': args.seed,
               'wrong_train_ads': 0 if clean else len(wrong), 'drop_high_loss': share,
+              'early_learning': record['history']['stages'].get('early_learning'),
               **({'dropped_ads': len(wrong)} if arm == 'oracle_drop' else {}), 'summary': s,
               **proxy.validation_figures(record)}
     issues = record['history']['stages'].get('label_issues')

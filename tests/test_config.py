@@ -44,6 +44,10 @@ from carvision.pipeline import config
      'model.label_audit_share 0.1: applies to model.drop_label_issues, which is off'),
     ({'model.label_audit_relabel': 0.5},
      'model.label_audit_relabel 0.5: applies to model.drop_label_issues, which is off'),
+    ({'model.early_learning': 3, 'model.drop_high_loss': 0.1},
+     'model.early_learning and model.drop_high_loss are two ways to train past wrong labels'),
+    ({'model.early_learning_momentum': 1.0},
+     'model.early_learning_momentum=1.0: Input should be less than 1'),
     ({'model.drop_label_issues': True, 'model.label_audit_folds': 2, 'model.label_audit_epoch': 1},
      'model.label_audit_folds and model.label_audit_epoch are two ways'),
 ])

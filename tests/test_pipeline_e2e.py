@@ -370,6 +370,37 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
   assert training['history']['stages']['small_loss'] == {'share': 0.25, 'warmup_epochs': 2}
 
 
+def test_early_learning_trains_end_to_end_with_every_train_photos_target(first_run, tmp_path):
+  """model.early_learning: the end-to-end stage's batches carry the photo keys its targets
+  are kept by (a batch without them is an error, so the run finishing says they arrived);
+  the weight, the momentum and the photos are recorded in training.json."""
+  import json
+  from tfx import v1 as tfx
+  from carvision.components.trainer import label_noise as LN
+  from carvision.components.trainer import task
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  examples = _one(root, 'Transform', 'transformed_examples')
+  train_files = [os.path.join(examples, 'Split-train', '*')]
+  stages = [{'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 1, 'image_size': 96,
+             'epochs': 1, 'learning_rate': 1e-4}]
+  tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
+                                'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
+                                'model.tflite_representative_samples': 8,
+                                'model.early_learning': 3.0, **SMALL})
+  out = tmp_path / 'model'
+  task.run_fn(tfx.components.FnArgs(
+      train_files=train_files,
+      eval_files=[os.path.join(examples, 'Split-validation', '*')],
+      transform_output=_one(root, 'Transform', 'transform_graph'),
+      serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+      custom_config={'config': config_lib.trainer_config(tc).to_json()}))
+  hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
+  assert hist['early_learning'] == {'weight': 3.0, 'momentum': 0.7,
+                                    'photos': len(LN.photo_ads(train_files))}
+  assert len(hist['body']['val_class_top1']) == 1
+
+
 def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tmp_path):
   """model.label_audit_epoch: the first end-to-end stage trains its first epoch on every
   train photo, the network then audits the train ads, and the stage's later epochs (and the

@@ -150,6 +150,12 @@ class ModelConfig:
   # first end-to-end stage.
   drop_high_loss: Annotated[float, pydantic.Field(ge=0.0, le=0.5)] = 0.0
   drop_high_loss_warmup: NonNegative = 2
+  # Early-learning regularisation (early_learning.py): the weight of a class-loss term that
+  # keeps each train photo's prediction near the running average of its earlier ones
+  # (early_learning_momentum), against memorising a wrong listed label; end-to-end stages
+  # only, one replica (model.distribute on one device); 0: off.
+  early_learning: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
+  early_learning_momentum: Annotated[float, pydantic.Field(ge=0.0, lt=1.0)] = 0.7
   # The schedule used instead of `stages` when training starts from a previous model.
   warm_start_stages: List[StageConfig] = dataclasses.field(default_factory=list)
 
@@ -191,6 +197,9 @@ class ModelConfig:
     if self.label_audit_folds and self.label_audit_epoch:
       raise ValueError('model.label_audit_folds and model.label_audit_epoch are two ways to '
                        'audit the train ads: set one')
+    if self.early_learning and self.drop_high_loss:
+      raise ValueError('model.early_learning and model.drop_high_loss are two ways to train '
+                       'past wrong labels: set one')
     if self.drop_label_issues and self.label_audit_epoch:
       for key in ('stages', 'warm_start_stages'):
         # a schedule without an end-to-end stage is audited by the probe (the Trainer says so)

@@ -29,6 +29,7 @@ from carvision.components.trainer import co_tuning as CT
 from carvision.components.trainer import config as C
 from carvision.components.trainer import data as D
 from carvision.components.trainer import distribute
+from carvision.components.trainer import early_learning as EL
 from carvision.components.trainer import export
 from carvision.components.trainer import label_noise as LN
 from carvision.components.trainer import model as M
@@ -123,6 +124,9 @@ class Training:
     self.size = self.mc.image_size
     # batch_size is per replica; learning rates scale with the replicas (distribute.scaled)
     self.batch, self.lr_scale = distribute.scaled(self.mc.batch_size, 1.0, replicas)
+    if self.mc.early_learning and replicas > 1:
+      raise ValueError(f'model.early_learning: its per-photo targets live on one device; '
+                       f'this strategy has {replicas} replicas (set model.distribute: none)')
     self.tft_out = tft.TFTransformOutput(fn_args.transform_output)
     self.n_classes = self.tft_out.vocabulary_size_by_name(F.vocab_name('class'))
     self.n_makes = self.tft_out.vocabulary_size_by_name(F.vocab_name('make'))
@@ -553,6 +557,8 @@ class Training:
     # (fresh from the converted weights each stage: a resumed run trains the same model).
     net = CT.training_model(self.full, CT.head_layer(*self._imagenet_head())) if co else self.full
     net = SL.wrap(net, self.mc.drop_high_loss, self._small_loss_warmup(index, per_epoch))
+    net = EL.wrap(net, self.mc.early_learning, self.mc.early_learning_momentum,
+                  self._early_learning_photos(), self.n_classes, D.MAX_VIEWS)
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing, co, stage.weight_decay)
     mid = self._mid_stage(index) if checkpoints else None
@@ -578,7 +584,7 @@ class Training:
       if end > start and not net.stop_training:
         train = self.data(self.train_files, True, repeat=True, at=at, cached=self.keep_photos,
                           light=stage.augment == 'light', exclude=self.excluded,
-                          relabel=self.relabel)
+                          relabel=self.relabel, keyed=bool(self.mc.early_learning))
         if co:
           train = CT.with_target(train)
         stop.paused = end < stage.epochs
@@ -590,6 +596,16 @@ class Training:
           self._audit_in_training(stage, at)
         start = end
     return _History(dict(saver.history, image_size=at))
+
+  def _early_learning_photos(self) -> np.ndarray:
+    """The train photo keys model.early_learning keeps targets for (recorded once)."""
+    if not self.mc.early_learning:
+      return np.zeros([0], np.int64)
+    photos = np.array(sorted(LN.photo_ads(self.train_files)), np.int64)
+    self.history.setdefault('early_learning', {
+        'weight': self.mc.early_learning, 'momentum': self.mc.early_learning_momentum,
+        'photos': int(len(photos))})
+    return photos
 
   def _small_loss_warmup(self, index: int, per_epoch: int) -> int:
     """Steps over which drop_high_loss ramps up: the first end-to-end stage's first
