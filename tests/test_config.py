@@ -58,6 +58,16 @@ def test_bad_values_are_named_before_any_work(override, message):
   assert '\n' not in str(e.value)
 
 
+def test_the_warm_start_schedule_is_checked_only_where_it_can_train():
+  """model.label_audit_epoch past the warm-start body's epochs: refused when the run may
+  warm-start, accepted when it starts from ImageNet (the warm-start stages never run)."""
+  audit = {'model.drop_label_issues': True, 'model.label_audit_epoch': 10}
+  cfg = config.load('car_ads', {**audit, 'model.warm_start': 'none'})
+  assert cfg.model.label_audit_epoch == 10
+  with pytest.raises(config.ConfigError, match='model.warm_start_stages'):
+    config.load('car_ads', {**audit, 'model.warm_start': 'latest_blessed'})
+
+
 def test_set_reaches_list_items_and_names_a_bad_index():
   cfg = config.load('car_ads', {'model.stages.1.weight_decay': 0.05, 'model.stages.2.epochs': 4})
   assert cfg.model.stages[1].weight_decay == 0.05 and cfg.model.stages[2].epochs == 4

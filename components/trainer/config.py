@@ -201,7 +201,8 @@ class ModelConfig:
       raise ValueError('model.early_learning and model.drop_high_loss are two ways to train '
                        'past wrong labels: set one')
     if self.drop_label_issues and self.label_audit_epoch:
-      for key in ('stages', 'warm_start_stages'):
+      # warm_start_stages train only on a warm start: a run from the start weights keeps them
+      for key in ('stages',) + (('warm_start_stages',) if self.warm_start != 'none' else ()):
         # a schedule without an end-to-end stage is audited by the probe (the Trainer says so)
         first = next((st for st in getattr(self, key) if st.kind == END_TO_END), None)
         if first is not None and self.label_audit_epoch >= first.epochs:
