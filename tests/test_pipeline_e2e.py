@@ -373,7 +373,8 @@ def test_run_fn_trains_every_stage_kind(first_run, tmp_path):
 def test_early_learning_trains_end_to_end_with_every_train_photos_target(first_run, tmp_path):
   """model.early_learning: the end-to-end stage's batches carry the photo keys its targets
   are kept by (a batch without them is an error, so the run finishing says they arrived);
-  the weight, the momentum and the photos are recorded in training.json."""
+  the weight, the momentum and the photos are recorded in training.json. With the network's
+  own audit after the first epoch, the second trains on the rest, relabelled ads included."""
   import json
   from tfx import v1 as tfx
   from carvision.components.trainer import label_noise as LN
@@ -383,11 +384,13 @@ def test_early_learning_trains_end_to_end_with_every_train_photos_target(first_r
   examples = _one(root, 'Transform', 'transformed_examples')
   train_files = [os.path.join(examples, 'Split-train', '*')]
   stages = [{'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 1, 'image_size': 96,
-             'epochs': 1, 'learning_rate': 1e-4}]
+             'epochs': 2, 'learning_rate': 1e-4}]
   tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
                                 'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
                                 'model.tflite_representative_samples': 8,
-                                'model.early_learning': 3.0, **SMALL})
+                                'model.early_learning': 3.0, 'model.drop_label_issues': True,
+                                'model.label_audit_epoch': 1, 'model.label_audit_share': 0.1,
+                                'model.label_audit_relabel': 0.02, **SMALL})
   out = tmp_path / 'model'
   task.run_fn(tfx.components.FnArgs(
       train_files=train_files,
@@ -398,7 +401,10 @@ def test_early_learning_trains_end_to_end_with_every_train_photos_target(first_r
   hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
   assert hist['early_learning'] == {'weight': 3.0, 'momentum': 0.7,
                                     'photos': len(LN.photo_ads(train_files))}
-  assert len(hist['body']['val_class_top1']) == 1
+  assert len(hist['body']['val_class_top1']) == 2
+  found = hist['label_issues']
+  assert found['by'].startswith('the network') and found['ads'] and found['relabelled']
+  assert found['photos_relabelled'] > 0
 
 
 def test_label_audit_inside_training_flags_then_trains_on_the_rest(first_run, tmp_path):
