@@ -163,6 +163,7 @@ class Training:
     self.imagenet_head = None  # Co-Tuning: the converted ImageNet head (kernel, bias), read once
     self.excluded = None  # photo keys of train ads with doubted labels (drop_label_issues)
     self.relabel = None  # (photo keys, class ids, make ids) of relabelled ones (label_audit_relabel)
+    self._photo_ads = None  # {photo key: ad id} of the train split, once read
 
   # --- data ---------------------------------------------------------------------------
 
@@ -287,7 +288,7 @@ class Training:
     if found is None and self.mc.label_audit_epoch:
       say('Trainer: label audit by the frozen network\'s probes: this schedule has no '
           'end-to-end stage for model.label_audit_epoch')
-    ads_of = LN.photo_ads(self.train_files)
+    ads_of = self._train_photo_ads()
     if found is None:
       found = (self._cross_fit_audit(ads_of) if self.mc.label_audit_folds
                else self._probe_audit(ads_of))
@@ -428,7 +429,7 @@ class Training:
     the network had time to memorise the exceptions; kept in the history, so a run resumed
     after this point leaves out the same ads."""
     ts = time.time()
-    ads_of = LN.photo_ads(self.train_files)
+    ads_of = self._train_photo_ads()
     scored = self._score_train(at)
     groups = np.array([ads_of[int(p)] for p in scored['keys']])
     found = self._audit_record(
@@ -597,11 +598,17 @@ class Training:
         start = end
     return _History(dict(saver.history, image_size=at))
 
+  def _train_photo_ads(self) -> Dict[int, int]:
+    """{photo key: ad id} of the train split, read from its files once a run."""
+    if self._photo_ads is None:
+      self._photo_ads = LN.photo_ads(self.train_files)
+    return self._photo_ads
+
   def _early_learning_photos(self) -> np.ndarray:
     """The train photo keys model.early_learning keeps targets for (recorded once)."""
     if not self.mc.early_learning:
       return np.zeros([0], np.int64)
-    photos = np.array(sorted(LN.photo_ads(self.train_files)), np.int64)
+    photos = np.array(sorted(self._train_photo_ads()), np.int64)
     self.history.setdefault('early_learning', {
         'weight': self.mc.early_learning, 'momentum': self.mc.early_learning_momentum,
         'photos': int(len(photos))})
