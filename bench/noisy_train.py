@@ -17,8 +17,9 @@ benchmark goes on where it was; `carvision run` itself resumes a stopped Trainer
                model.label_audit_relabel);
   noisy_cross_fit  the same, audited by `--folds`-fold cross-fitting (model.label_audit_folds:
                the stages up to the body trained once per fold without the fold's ads score
-               them), the run then trained without the flagged ads (`--audit-share`: how
-               many, model.label_audit_share);
+               them; `--folds 1`: one pass on every train ad scores them in sample, with
+               model.early_learning set), the run then trained without the flagged ads
+               (`--audit-share`: how many, model.label_audit_share);
   oracle_drop  the export without the wrong ads' rows (the ads, not their listings, gone):
                what a drop that found exactly the wrong ads would win, the best any drop can do;
   noisy_small_loss  the same noisy export with model.drop_high_loss `--small-loss` (default

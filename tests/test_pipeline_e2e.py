@@ -512,6 +512,65 @@ def test_label_audit_by_cross_fitting_scores_every_train_ad_out_of_fold(first_ru
   assert len(glob.glob(str(tmp_path / 'resume' / 'Trainer' / '*' / 'label_audit' / 'fold-*.npz'))) == 2
 
 
+def test_label_audit_pass_scores_every_train_ad_in_sample_then_starts_again(first_run, tmp_path):
+  """model.label_audit_folds 1 with early_learning: one pass of the stages up to the first
+  end-to-end one on every train ad scores all of them (one file under the resume directory),
+  then the run trains from the start weights without the flagged ads (or with them
+  relabelled)."""
+  import json
+  from tfx import v1 as tfx
+  from carvision.components.trainer import label_noise as LN
+  from carvision.components.trainer import resume
+  from carvision.components.trainer import task
+  _, cfg, _, _ = first_run
+  root = cfg.path(cfg.pipeline.root)
+  examples = _one(root, 'Transform', 'transformed_examples')
+  train_files = [os.path.join(examples, 'Split-train', '*')]
+  stages = [{'name': 'head', 'trainable': 'none', 'epochs': 2, 'learning_rate': 3e-3},
+            {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,
+             'epochs': 1, 'learning_rate': 1e-4}]
+  tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
+                                'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
+                                'model.tflite_representative_samples': 8,
+                                'model.drop_label_issues': True, 'model.label_audit_folds': 1,
+                                'model.label_audit_share': 0.2, 'model.label_audit_relabel': 0.3,
+                                'model.early_learning': 3.0, **SMALL})
+  saved = []
+  real = resume.Checkpoints.save_arrays
+
+  def spy(self, name, arrays):
+    real(self, name, arrays)
+    saved.append((name, {k: v.copy() for k, v in self.load_arrays(name).items()}))
+  out = tmp_path / 'model'
+  resume.Checkpoints.save_arrays = spy
+  try:
+    task.run_fn(tfx.components.FnArgs(
+        train_files=train_files,
+        eval_files=[os.path.join(examples, 'Split-validation', '*')],
+        transform_output=_one(root, 'Transform', 'transform_graph'),
+        serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+        custom_config={'config': config_lib.trainer_config(tc).to_json(),
+                       'resume_dir': str(tmp_path / 'resume')}))
+  finally:
+    resume.Checkpoints.save_arrays = real
+  hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
+  found = hist['label_issues']
+  ads_of = LN.photo_ads(train_files)
+  assert found['by'] == 'a pass of stages head, body on every train ad'
+  assert found['train_ads'] == len(set(ads_of.values()))
+  assert len(found['ads']) == round(0.2 * found['train_ads'])
+  moved = {a for a, _ in found.get('relabelled', [])}
+  assert moved <= set(found['ads'])
+  assert found['photos_left_out'] == sum(a in set(found['ads']) - moved for a in ads_of.values())
+  assert found['photos_relabelled'] == sum(a in moved for a in ads_of.values())
+  # One pass scoring every train photo in sample.
+  assert [n for n, _ in saved] == ['label_audit/fold-0-of-1.npz']
+  assert set(saved[0][1]['keys'].tolist()) == set(ads_of)
+  assert np.allclose(saved[0][1]['probs'].sum(-1), 1.0, atol=1e-3)
+  # The run's own stages trained after the pass.
+  assert len(hist['head']['val_class_top1']) == 2 and len(hist['body']['val_class_top1']) == 1
+
+
 def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):
   """model.drop_label_issues alone: out-of-fold linear probes of the frozen network audit the
   train ads before any stage; a share bounds how many go (label_audit_share); those with a

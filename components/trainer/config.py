@@ -133,7 +133,10 @@ class ModelConfig:
   # K >= 2: the audit is K-fold cross-fitting instead: for each fold of the train ads, the
   # schedule's stages up to its first end-to-end one train from the start weights without
   # that fold's ads and score its photos; the run then trains without the flagged ads. About
-  # (K - 1) extra runs of those stages, each on (K - 1) / K of the ads. 0: off.
+  # (K - 1) extra runs of those stages, each on (K - 1) / K of the ads. K = 1: one extra run
+  # of those stages on every train ad scores them in sample, and the run starts again from
+  # the start weights on the audited labels (needs early_learning, which keeps that pass
+  # from memorising the wrong listings). 0: off.
   label_audit_folds: NonNegative = 0
   # How many flagged ads drop_label_issues drops: 0, as many as cleanlab estimates are wrong;
   # a share (of the train ads) > 0, that share, the ads whose listed class the audit finds
@@ -185,9 +188,13 @@ class ModelConfig:
     if self.stochastic_depth and self.backbone not in efficientnet_lite.VARIANTS:
       raise ValueError(f'model.stochastic_depth: only EfficientNet-Lite backbones have it, '
                        f'not {self.backbone}')
-    if self.label_audit_folds == 1 or (self.label_audit_folds and not self.drop_label_issues):
-      raise ValueError(f'model.label_audit_folds {self.label_audit_folds}: 0 (off) or at least '
-                       '2 folds, with model.drop_label_issues on')
+    if self.label_audit_folds and not self.drop_label_issues:
+      raise ValueError(f'model.label_audit_folds {self.label_audit_folds}: applies to '
+                       'model.drop_label_issues, which is off')
+    if self.label_audit_folds == 1 and not self.early_learning:
+      raise ValueError('model.label_audit_folds 1 (an in-sample audit pass) needs '
+                       'model.early_learning: without it the pass memorises the wrong listings '
+                       'it is meant to find')
     if self.label_audit_share and not self.drop_label_issues:
       raise ValueError(f'model.label_audit_share {self.label_audit_share}: applies to '
                        'model.drop_label_issues, which is off')

@@ -311,8 +311,10 @@ class Training:
     """model.label_audit_folds: for each fold of the train ads, the stages up to the first
     end-to-end one train from the start weights without the fold's ads (no checkpoints, no
     roll-back) and score the clean view of its photos at the served size; cleanlab flags ads
-    from those out-of-fold scores (label_noise.flag_ads). A fold's scores are kept under the
-    resume directory once finished: a stopped run repeats at most the fold it was in."""
+    from those out-of-fold scores (label_noise.flag_ads). One fold: those stages train on
+    every train ad and score them in sample (early_learning keeps them from memorising the
+    wrong listings). A fold's scores are kept under the resume directory once finished: a
+    stopped run repeats at most the fold it was in."""
     ts, folds = time.time(), self.mc.label_audit_folds
     upto = next((i for i, st in enumerate(self.stages) if st.kind == C.END_TO_END),
                 len(self.stages) - 1)
@@ -324,10 +326,11 @@ class Training:
       name = f'label_audit/fold-{k}-of-{folds}.npz'
       scored = self.ckpt.load_arrays(name)
       if scored is None:
-        say(f'Trainer: label audit fold {k + 1}/{folds}: stages '
-            f"{', '.join(st.name for st in self.stages[:upto + 1])} without "
-            f'{int((fold == k).sum())} of {len(photos)} train photos')
-        self.excluded = photos[fold == k]
+        names = ', '.join(st.name for st in self.stages[:upto + 1])
+        say(f'Trainer: label audit fold {k + 1}/{folds}: stages {names} without '
+            f'{int((fold == k).sum())} of {len(photos)} train photos' if folds > 1 else
+            f'Trainer: label audit pass: stages {names} on all {len(photos)} train photos')
+        self.excluded = photos[fold == k] if folds > 1 else None
         for i, st in enumerate(self.stages[:upto + 1]):
           if st.kind == C.END_TO_END:
             self.fit_end_to_end(st, i, checkpoints=False)
@@ -335,7 +338,7 @@ class Training:
             if self.cache is None:
               self.cache = self._build_cache()
             (self.fit_heads if st.kind == C.HEADS else self.fit_cached_top)(st)
-        scored = self._score_train(self.size, exclude=photos[fold != k])
+        scored = self._score_train(self.size, exclude=photos[fold != k] if folds > 1 else None)
         self.ckpt.save_arrays(name, scored)
         self.full.set_weights(start)
         if self.upper is not None:
@@ -346,9 +349,10 @@ class Training:
       temps.append(round(float(scored['temperature']), 4) if 'temperature' in scored else None)
     self.excluded = None
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
+    names = ', '.join(st.name for st in self.stages[:upto + 1])
     found = self._audit_record(np.concatenate(probs), np.concatenate(classes), groups,
-                               f'{folds}-fold cross-fitting of stages ' + ', '.join(
-                                   st.name for st in self.stages[:upto + 1]), ts)
+                               f'{folds}-fold cross-fitting of stages {names}' if folds > 1
+                               else f'a pass of stages {names} on every train ad', ts)
     found['temperature'] = temps
     return found
 
