@@ -516,7 +516,8 @@ def test_label_audit_pass_scores_every_train_ad_in_sample_then_starts_again(firs
   """model.label_audit_folds 1 with early_learning: one pass of the stages up to the first
   end-to-end one on every train ad scores all of them (one file under the resume directory),
   then the run trains from the start weights without the flagged ads (or with them
-  relabelled)."""
+  relabelled). The pass's epochs are checkpointed: stopped after its first body epoch, the
+  Trainer goes on from there, not from the start of the pass."""
   import json
   from tfx import v1 as tfx
   from carvision.components.trainer import label_noise as LN
@@ -528,31 +529,50 @@ def test_label_audit_pass_scores_every_train_ad_in_sample_then_starts_again(firs
   train_files = [os.path.join(examples, 'Split-train', '*')]
   stages = [{'name': 'head', 'trainable': 'none', 'epochs': 2, 'learning_rate': 3e-3},
             {'name': 'body', 'trainable': 'top_blocks', 'top_blocks': 2, 'image_size': 96,
-             'epochs': 1, 'learning_rate': 1e-4}]
+             'epochs': 2, 'learning_rate': 1e-4, 'patience': 5}]
   tc = config_lib.load('demo', {'model.stages': stages, 'model.feature_views': 1,
                                 'model.serving_views': ['full'], 'model.tflite_float_layers': 0,
                                 'model.tflite_representative_samples': 8,
                                 'model.drop_label_issues': True, 'model.label_audit_folds': 1,
                                 'model.label_audit_share': 0.2, 'model.label_audit_relabel': 0.3,
-                                'model.early_learning': 3.0, **SMALL})
-  saved = []
-  real = resume.Checkpoints.save_arrays
+                                'model.early_learning': 3.0, 'model.checkpoint_every_s': 0,
+                                **SMALL})
+  saved, written = [], []
+  real_save, real_write = resume.Checkpoints.save_arrays, resume.Checkpoints.write
+
+  class Stopped(Exception):
+    pass
 
   def spy(self, name, arrays):
-    real(self, name, arrays)
+    real_save(self, name, arrays)
     saved.append((name, {k: v.copy() for k, v in self.load_arrays(name).items()}))
+
+  def stop_after_the_first_fold_epoch(self, state, *args, **kw):
+    real_write(self, state, *args, **kw)
+    mid = state.get('stage') or {}
+    written.append((mid.get('fold'), mid.get('index'), mid.get('epoch')))
+    if written == [(0, 1, 1)]:
+      raise Stopped()
   out = tmp_path / 'model'
+  fn_args = tfx.components.FnArgs(
+      train_files=train_files,
+      eval_files=[os.path.join(examples, 'Split-validation', '*')],
+      transform_output=_one(root, 'Transform', 'transform_graph'),
+      serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
+      custom_config={'config': config_lib.trainer_config(tc).to_json(),
+                     'resume_dir': str(tmp_path / 'resume')})
   resume.Checkpoints.save_arrays = spy
+  resume.Checkpoints.write = stop_after_the_first_fold_epoch
   try:
-    task.run_fn(tfx.components.FnArgs(
-        train_files=train_files,
-        eval_files=[os.path.join(examples, 'Split-validation', '*')],
-        transform_output=_one(root, 'Transform', 'transform_graph'),
-        serving_model_dir=str(out), model_run_dir=str(tmp_path / 'logs'),
-        custom_config={'config': config_lib.trainer_config(tc).to_json(),
-                       'resume_dir': str(tmp_path / 'resume')}))
+    with pytest.raises(Stopped):
+      task.run_fn(fn_args)
+    assert not saved  # stopped inside the pass
+    task.run_fn(fn_args)
   finally:
-    resume.Checkpoints.save_arrays = real
+    resume.Checkpoints.save_arrays, resume.Checkpoints.write = real_save, real_write
+  # The pass went on at its second body epoch; then the run's own stages (no fold).
+  assert written[:2] == [(0, 1, 1), (0, 1, 2)]
+  assert all(f is None for f, _, _ in written[2:]) and (None, 1, 2) in written
   hist = json.load(open(out / 'tflite' / 'training.json'))['history']['stages']
   found = hist['label_issues']
   ads_of = LN.photo_ads(train_files)
@@ -568,7 +588,7 @@ def test_label_audit_pass_scores_every_train_ad_in_sample_then_starts_again(firs
   assert set(saved[0][1]['keys'].tolist()) == set(ads_of)
   assert np.allclose(saved[0][1]['probs'].sum(-1), 1.0, atol=1e-3)
   # The run's own stages trained after the pass.
-  assert len(hist['head']['val_class_top1']) == 2 and len(hist['body']['val_class_top1']) == 1
+  assert len(hist['head']['val_class_top1']) == 2 and len(hist['body']['val_class_top1']) == 2
 
 
 def test_label_audit_by_probes_leaves_out_the_flagged_ads(first_run, tmp_path):

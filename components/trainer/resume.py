@@ -9,7 +9,8 @@ an atomic `latest` file:
 * after each finished stage: the model, the best validation top-1 so far, the history;
 * during an end-to-end stage (the long ones), after an epoch at most every
   `model.checkpoint_every_s` seconds: the model, the optimizer (so the learning-rate schedule goes on), the
-  early-stopping state with its best weights, and the epoch history.
+  early-stopping state with its best weights, and the epoch history; the end-to-end stages
+  of a label-audit fold's pass too, marked with the fold.
 
 Cached stages (minutes) restart from their beginning; the activations are recomputed.
 """
@@ -182,10 +183,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
   last epoch): the model, its optimizer, the early-stopping state and the epoch history."""
 
   def __init__(self, checkpoints: Checkpoints, base_state: Dict[str, Any], stage_index: int,
-               epochs: int, stop: ResumableStop, history: Optional[Dict[str, List[float]]] = None):
+               epochs: int, stop: ResumableStop, history: Optional[Dict[str, List[float]]] = None,
+               fold: Optional[int] = None):
     super().__init__()
     self.ck, self.base, self.index, self.epochs, self.stop = (checkpoints, base_state,
                                                               stage_index, epochs, stop)
+    self.fold = fold  # a label-audit fold's pass (its checkpoints are not the run's stage's)
     self.history = {k: list(v) for k, v in (history or {}).items()}
 
   def on_epoch_end(self, epoch, logs=None):
@@ -196,5 +199,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
       return
     self.ck.write({**self.base(), 'stage': {
         'index': self.index, 'epoch': epoch + 1, 'stop': self.stop.state(),
-        'stopped': bool(self.model.stop_training), 'history': self.history}},
+        'stopped': bool(self.model.stop_training), 'history': self.history,
+        **({'fold': self.fold} if self.fold is not None else {})}},
         self.model, self.model.optimizer, self.stop.best_weights, kind='epoch')

@@ -212,9 +212,12 @@ class Training:
     return {'done': self.done, 'best': float(self.best), 'history': self.history,
             'seconds': self.seconds_before + time.time() - self.t0, 'attempt': self.attempt}
 
-  def _mid_stage(self, index: int) -> Optional[Dict]:
+  def _mid_stage(self, index: int, fold: Optional[int] = None) -> Optional[Dict]:
+    """The stopped epoch checkpoint of stage `index` (of a label-audit fold's pass), if any."""
     mid = (self.resumed or {}).get('stage')
-    return {**mid, 'path': self.resumed['path']} if mid and mid['index'] == index else None
+    if not mid or mid['index'] != index or mid.get('fold') != fold:
+      return None
+    return {**mid, 'path': self.resumed['path']}
 
   def _stop(self, stage, mid: Optional[Dict] = None):
     patience = self.mc.early_stopping_patience if stage.patience is None else stage.patience
@@ -313,8 +316,9 @@ class Training:
     roll-back) and score the clean view of its photos at the served size; cleanlab flags ads
     from those out-of-fold scores (label_noise.flag_ads). One fold: those stages train on
     every train ad and score them in sample (early_learning keeps them from memorising the
-    wrong listings). A fold's scores are kept under the resume directory once finished: a
-    stopped run repeats at most the fold it was in."""
+    wrong listings). A fold's scores are kept under the resume directory once finished and
+    its end-to-end epochs are checkpointed as the run's are: a stopped run repeats the
+    fold's cached stages (minutes) and goes on from its last epoch checkpoint."""
     ts, folds = time.time(), self.mc.label_audit_folds
     upto = next((i for i, st in enumerate(self.stages) if st.kind == C.END_TO_END),
                 len(self.stages) - 1)
@@ -333,7 +337,7 @@ class Training:
         self.excluded = photos[fold == k] if folds > 1 else None
         for i, st in enumerate(self.stages[:upto + 1]):
           if st.kind == C.END_TO_END:
-            self.fit_end_to_end(st, i, checkpoints=False)
+            self.fit_end_to_end(st, i, fold=k)
           else:
             if self.cache is None:
               self.cache = self._build_cache()
@@ -541,11 +545,11 @@ class Training:
       self.imagenet_head = M.el.imagenet_head(self.mc.backbone)
     return self.imagenet_head
 
-  def fit_end_to_end(self, stage, index: int = 0, checkpoints: bool = True):
+  def fit_end_to_end(self, stage, index: int = 0, fold: Optional[int] = None):
     """Photos through the network, the chosen blocks trainable, at the stage's size
     (FixRes: a lower training size) with standard or light augmentation; checkpointed after
-    epochs and, when a checkpoint of this stage exists, continued from it (not the
-    label audit's fold models: `checkpoints` False)."""
+    epochs and, when a checkpoint of this stage exists, continued from it (`fold`: of the
+    pass of that label-audit fold, whose checkpoints are told apart from the run's)."""
     M.set_trainable(self.base, stage.trainable, stage.top_blocks)
     at = stage.image_size or self.size
     if at != self.size and self.full.input_shape[1] is not None:
@@ -566,11 +570,10 @@ class Training:
                   self._early_learning_photos(), self.n_classes, D.MAX_VIEWS)
     _compile(net, self._schedule(stage, per_epoch * stage.epochs, per_epoch // 2),
              self.mc.label_smoothing, co, stage.weight_decay)
-    mid = self._mid_stage(index) if checkpoints else None
+    mid = self._mid_stage(index, fold)
     stop = self._stop(stage, mid)
-    saver = resume.EpochCheckpoint(self.ckpt if checkpoints else resume.Checkpoints(None, ''),
-                                   self.state, index, stage.epochs, stop,
-                                   mid['history'] if mid else None)
+    saver = resume.EpochCheckpoint(self.ckpt, self.state, index, stage.epochs, stop,
+                                   mid['history'] if mid else None, fold=fold)
     if mid and (mid['stopped'] or mid['epoch'] >= stage.epochs):
       if stop._restored_weights is not None:  # pylint: disable=protected-access
         net.set_weights(stop._restored_weights)  # what on_train_end would have done
