@@ -42,7 +42,7 @@ NOISE = re.compile('|'.join([
     r'^WARNING:tensorflow:(From |Compiled the loaded model|Skipping full serialization'
     r'|Detecting that an object or model|Value in checkpoint could not be found'
     r'|A checkpoint was restored|Unresolved object in checkpoint|Model\'s `__init__\(\)`'
-    r'|`tf\.keras\.callbacks|Layer \w+ will not use cuDNN)',
+    r'|`tf\.keras\.callbacks|Layer \w+ will not use cuDNN|Issue encountered when serializing)',
     r'^WARNING:tensorflow:\s',                               # continuation of the lines above
     r'^\s+(Warning: )?tf\.lite\.Interpreter is deprecated',
     r'^\s*(TF 2\.20\. Please use the LiteRT|See the \[migration guide\]|for details\.)\s*$',
