@@ -312,8 +312,8 @@ class Training:
 
   def _cross_fit_audit(self, ads_of: Dict[int, int]) -> Dict:
     """model.label_audit_folds: for each fold of the train ads, the stages up to the first
-    end-to-end one train from the start weights without the fold's ads (no checkpoints, no
-    roll-back) and score the clean view of its photos at the served size; cleanlab flags ads
+    end-to-end one train from the start weights without the fold's ads (no roll-back) and
+    score the clean view of its photos at the served size; cleanlab flags ads
     from those out-of-fold scores (label_noise.flag_ads). One fold: those stages train on
     every train ad and score them in sample (early_learning keeps them from memorising the
     wrong listings). A fold's scores are kept under the resume directory once finished and
@@ -324,13 +324,13 @@ class Training:
                 len(self.stages) - 1)
     photos = np.array(sorted(ads_of), np.int64)
     fold = LN.deal(np.array([ads_of[int(p)] for p in photos]), folds, self.mc.seed)
+    names = ', '.join(st.name for st in self.stages[:upto + 1])
     start = self.full.get_weights()
     probs, classes, keys, temps = [], [], [], []
     for k in range(folds):
       name = f'label_audit/fold-{k}-of-{folds}.npz'
       scored = self.ckpt.load_arrays(name)
       if scored is None:
-        names = ', '.join(st.name for st in self.stages[:upto + 1])
         say(f'Trainer: label audit fold {k + 1}/{folds}: stages {names} without '
             f'{int((fold == k).sum())} of {len(photos)} train photos' if folds > 1 else
             f'Trainer: label audit pass: stages {names} on all {len(photos)} train photos')
@@ -353,7 +353,6 @@ class Training:
       temps.append(round(float(scored['temperature']), 4) if 'temperature' in scored else None)
     self.excluded = None
     groups = np.array([ads_of[int(p)] for p in np.concatenate(keys)])
-    names = ', '.join(st.name for st in self.stages[:upto + 1])
     found = self._audit_record(np.concatenate(probs), np.concatenate(classes), groups,
                                f'{folds}-fold cross-fitting of stages {names}' if folds > 1
                                else f'a pass of stages {names} on every train ad', ts)
